@@ -1,0 +1,1 @@
+"""Job-queue integration: job scripts, submission, job states, clusters."""

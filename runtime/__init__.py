@@ -1,0 +1,1 @@
+"""The engine: graphs, executors, serialization, scheduler, worker, client."""
