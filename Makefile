@@ -4,12 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest mpitest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,mpi]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,9 +23,14 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 pytest: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --ignore=tests/mpi $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# pytest-mpi: the same tests run on every rank of a real MPI launch.
+mpitest: $(STAMP)
+	$(VENV)/bin/mpiexec -n 3 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
+	$(VENV)/bin/mpiexec -n 4 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
+
+test: lint typecheck mpitest pytest
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"

@@ -22,7 +22,7 @@ import yaml
 
 from runtime.errors import HPCError
 
-__all__ = ["SUBCOMMANDS", "add_config_command", "build_parser", "main"]
+__all__ = ["SUBCOMMANDS", "add_config_command", "add_runtime_commands", "build_parser", "main"]
 
 #: A builder receives the ``argparse._SubParsersAction`` of the ``hpc`` parser.
 SubcommandBuilder = Callable[[Any], None]
@@ -79,8 +79,36 @@ def add_config_command(subparsers: Any) -> None:
     validate.set_defaults(handler=_config_validate)
 
 
+def _delegate(module: str, prog: str) -> Callable[[argparse.Namespace], int]:
+    """Return a handler passing the remaining arguments to ``module.main(argv)``."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        main = importlib.import_module(module).main
+        saved = sys.argv[0]
+        sys.argv[0] = prog  # so the delegated parser's usage says `hpc scheduler ...`
+        try:
+            return int(main(args.rest))
+        finally:
+            sys.argv[0] = saved
+
+    return handler
+
+
+def add_runtime_commands(subparsers: Any) -> None:
+    """Add ``hpc scheduler`` and ``hpc worker`` (the runtime's own entry points)."""
+    for name, module, text in (
+        ("scheduler", "runtime.scheduler", "run a scheduler that writes a scheduler file"),
+        ("worker", "runtime.worker", "run a worker joining a scheduler"),
+    ):
+        parser = subparsers.add_parser(name, help=text, add_help=False, prefix_chars="\0")
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        parser.set_defaults(handler=_delegate(module, f"hpc {name}"))
+
+
 #: Builders of the subcommands, in the order ``hpc --help`` lists them.
-SUBCOMMANDS: list[SubcommandBuilder] = [add_config_command]
+SUBCOMMANDS: list[SubcommandBuilder] = [add_config_command, add_runtime_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
