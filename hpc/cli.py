@@ -22,7 +22,14 @@ import yaml
 
 from runtime.errors import HPCError
 
-__all__ = ["SUBCOMMANDS", "add_config_command", "add_runtime_commands", "build_parser", "main"]
+__all__ = [
+    "SUBCOMMANDS",
+    "add_config_command",
+    "add_job_commands",
+    "add_runtime_commands",
+    "build_parser",
+    "main",
+]
 
 #: A builder receives the ``argparse._SubParsersAction`` of the ``hpc`` parser.
 SubcommandBuilder = Callable[[Any], None]
@@ -107,8 +114,19 @@ def add_runtime_commands(subparsers: Any) -> None:
         parser.set_defaults(handler=_delegate(module, f"hpc {name}"))
 
 
+def add_job_commands(subparsers: Any) -> None:
+    """Add ``hpc submit``, ``hpc script``, ``hpc status`` and ``hpc cancel``."""
+    from hpc.cli_jobs import add_job_commands as add
+
+    add(subparsers)
+
+
 #: Builders of the subcommands, in the order ``hpc --help`` lists them.
-SUBCOMMANDS: list[SubcommandBuilder] = [add_config_command, add_runtime_commands]
+SUBCOMMANDS: list[SubcommandBuilder] = [
+    add_config_command,
+    add_runtime_commands,
+    add_job_commands,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,15 +31,23 @@ State kept here, and why:
   is released on the scheduler (``release-keys``) when it reaches zero. Nothing is
   released while the interpreter is finalizing.
 * The outbox: everything user threads send to the scheduler goes through it, so a
-  ``release-keys`` can never overtake the ``update-graph`` that created the key; one
-  flush per loop iteration turns everything queued into one write.
+  ``release-keys`` can never overtake the ``update-graph`` that created the key. A
+  submission wakes the loop at once (chains of dependent tasks are latency bound);
+  releases wait ``_RELEASE_DELAY`` so that dropping a list of futures is one message.
+  A ``map`` of any size is one ``update-graph``.
 * ``_default`` and the ``as_current`` context variable: the client that
   ``hpc.compute`` uses when none is named (:func:`get_default_client`).
 
 Task payloads are serialized here, once, with :mod:`runtime.serialize`; the scheduler
 forwards them to workers without unpickling them. Futures found in ``submit``
 arguments (also inside lists, tuples, sets and dicts) become dependencies: they are
-replaced by their keys and the worker substitutes the values.
+replaced by their keys and the worker substitutes the values. A function pickled by
+value (lambda, closure, ``__main__``) is pickled once per batch, not once per task.
+
+:class:`ClientExecutor` (``client.get_executor()``) gives ``concurrent.futures``
+futures; results of tasks finishing together are fetched in one request per worker
+and set from the client's callback thread, which also runs ``add_done_callback``
+callbacks, so user code never runs on the network loop.
 
 Importing this module is cheap: the network stack (``asyncio``, comm, serialization)
 is imported when the first ``Client`` is created.
@@ -61,7 +69,7 @@ import time
 import types
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Literal, NamedTuple
@@ -92,7 +100,7 @@ FIRST_EXCEPTION: Literal["FIRST_EXCEPTION"] = "FIRST_EXCEPTION"
 ALL_COMPLETED: Literal["ALL_COMPLETED"] = "ALL_COMPLETED"
 
 _RETURN_WHEN = (FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED)
-_DEFAULT_CONNECT_TIMEOUT = 30.0
+_DEFAULT_CONNECT_TIMEOUT = 30.0  # when distributed.comm.connect-timeout is not set
 # How long gather waits for a lost result to be recomputed and reported again before
 # it gives up on fetching it.
 _REFETCH_TIMEOUT = 60.0
@@ -596,8 +604,9 @@ class Client:
     address
         ``"tcp://host:port"`` of the scheduler, or a cluster object exposing
         ``scheduler_address`` and ``secret`` (e.g. :class:`~runtime.cluster.LocalCluster`).
-        With neither ``address`` nor ``scheduler_file``, a ``LocalCluster`` is started
-        for this client and closed with it.
+        With neither ``address`` nor ``scheduler_file``, the scheduler file named by
+        ``$HPC_SCHEDULER_FILE`` is used (set inside batch jobs); failing that, a
+        ``LocalCluster`` is started for this client and closed with it.
     scheduler_file
         Path of the JSON file the scheduler wrote (address and secret); waits up to
         ``timeout`` for it to appear.
@@ -635,7 +644,8 @@ class Client:
         self.name = name or self.id
         self._status = _ClientStatus.CONNECTING
         self._timeout = _seconds(
-            timeout, _seconds(_config("distributed.comm.connect-timeout", None), 30.0)
+            timeout,
+            _seconds(_config("distributed.comm.connect-timeout", None), _DEFAULT_CONNECT_TIMEOUT),
         )
         self._dumps = serialize.dumps
         self._loads = serialize.loads
@@ -680,11 +690,20 @@ class Client:
         self._status = _ClientStatus.RUNNING
         if set_as_default:
             _set_default(self)
+        # A cluster object may want the connected client (job-queue clusters follow
+        # the scheduler's load through it for adaptive scaling).
+        connected = getattr(self._cluster, "_client_connected", None)
+        if callable(connected):
+            connected(self)
 
     # -- connecting ----------------------------------------------------------------
     def _resolve(self, address: Any, scheduler_file: Any, secret: Any) -> tuple[str, bytes]:
         if address is not None and scheduler_file is not None:
             raise SchedulerError("Client got both an address and a scheduler_file; pass one")
+        if address is None and scheduler_file is None:
+            # Inside a batch job (python -m runtime.mpi --script) this names the job's
+            # cluster, so a plain Client() in the user's script connects to it.
+            scheduler_file = os.environ.get("HPC_SCHEDULER_FILE") or None
         if scheduler_file is not None:
             from runtime.rendezvous import read_scheduler_file
 
@@ -735,6 +754,13 @@ class Client:
             hello={"client": self.id},
         )
         try:
+            # The scheduler checks our versions too, but our own check names the
+            # differences from this side and honours our distributed.version-mismatch.
+            remote = conn.remote_info.get("versions")
+            if isinstance(remote, Mapping):
+                protocol.check_versions(
+                    protocol.versions(), remote, peer=f"the scheduler at {self.scheduler_address}"
+                )
             register = {
                 "op": "register-client",
                 "client": self.id,
@@ -750,10 +776,6 @@ class Client:
         if reply.get("op") == "error" or str(reply.get("status", "OK")).upper() != "OK":
             await _close_quietly(conn)
             message = reply.get("message") or reply.get("error") or reply
-            if "version" in str(message).lower():
-                from runtime.errors import VersionMismatchError
-
-                raise VersionMismatchError(str(message))
             raise SchedulerError(
                 f"the scheduler at {self.scheduler_address} refused the client: {message}"
             )
@@ -1008,8 +1030,10 @@ class Client:
         future, fn = target
         try:
             self._callbacks().submit(_call_logged, fn, future)
-        except RuntimeError:  # the pool is shut down (client closed): run it here
-            _call_logged(fn, future)
+        except RuntimeError:
+            # The client is closed and its callback thread gone. Not here: this may
+            # be under the client lock, which the callback may need.
+            threading.Thread(target=_call_logged, args=(fn, future), daemon=True).start()
 
     # -- the executor view: results fetched as tasks finish -----------------------------
     def _on_executor_done(self, target: tuple[Future, _cf.Future]) -> None:
@@ -1053,8 +1077,8 @@ class Client:
     def _submit_settle(self, pairs: list[tuple[Future, _cf.Future]], data: dict) -> None:
         try:
             self._callbacks().submit(_settle, pairs, data)
-        except RuntimeError:
-            _settle(pairs, data)
+        except RuntimeError:  # the client is closed: its callback thread is gone
+            _settle(pairs, data, may_block=False)
 
     # -- waiting ------------------------------------------------------------------------
     def _wait_states(self, states: list[_KeyState], deadline: float | None) -> None:
@@ -1252,62 +1276,83 @@ class Client:
                 tokenize = self._tokenize
                 base = tokenize(func, kwargs)
                 keys = [f"{prefix}-{tokenize(base, *args)}" for args in arg_tuples]
-            else:
-                keys = [f"{prefix}-{uuid.uuid4().hex}" for _ in arg_tuples]
-        with self._cond:
-            states = self._states
-            todo = [
-                i
-                for i, k in enumerate(keys)
-                if (st := states.get(k)) is None or st.status is _CANCELLED
-            ]
+            elif len(arg_tuples) == 1:
+                keys = [f"{prefix}-{uuid.uuid4().hex}"]
+            else:  # one random draw per batch: unique keys are all that is needed
+                batch = uuid.uuid4().hex
+                keys = [f"{prefix}-{batch}-{i}" for i in range(len(arg_tuples))]
+        first: dict[Any, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
         tasks: dict[Any, list] = {}
         dependencies: dict[Any, list] = {}
         held: dict[Any, Future] = {}  # keeps dependencies alive until the message is sent
-        dumps = self._dumps
-        build = self._build_task
-        shipped = _ship(func) if todo else func
-        for i in todo:
-            k = keys[i]
-            if k in tasks:
-                continue
-            args = arg_tuples[i]
-            deps: dict[Any, Future] = {}
-            task = build(shipped, args, kwargs, deps)
-            if deps:
-                self._check_deps(deps, k)
-                held.update(deps)
-            try:
-                tasks[k] = dumps(task)
-            except Exception as err:
-                raise self._serialization_error(k, func, args, kwargs, err) from err
-            dependencies[k] = list(deps)
-        with self._cond:
-            futures, new = self._new_futures(keys)
-            if new:
-                # Keys another thread submitted between the two locked sections are
-                # already on their way: send only the tasks that are new now.
-                fresh = set(new)
-                gen = next(self._generation)
-                prio = -int(priority)
-                send = [k for k in tasks if k in fresh]
-                msg: dict[str, Any] = {
-                    "op": "update-graph",
-                    "tasks": {k: tasks[k] for k in send} if len(send) != len(tasks) else tasks,
-                    "dependencies": {k: dependencies[k] for k in send},
-                    "keys": send,
-                    "priority": {k: (prio, gen, i) for i, k in enumerate(send)},
-                    "client": self.id,
-                }
-                if retries:
-                    msg["retries"] = dict.fromkeys(send, int(retries))
-                restrict = _as_worker_list(workers)
-                if restrict:
-                    msg["workers"] = dict.fromkeys(send, restrict)
-                self._outbox.append((True, msg))
+        shipped = None
+        while True:
+            with self._cond:
+                states = self._states
+                todo = [
+                    k
+                    for k in first
+                    if k not in tasks and ((st := states.get(k)) is None or st.status is _CANCELLED)
+                ]
+                if not todo:
+                    # Every key is held by this client or has its task serialized: commit.
+                    # (Serializing happens outside the lock, so a key held a moment ago
+                    # may have been released since: the loop serializes it too.)
+                    futures, new = self._new_futures(keys)
+                    if new:
+                        msg = self._graph_message(
+                            new, tasks, dependencies, first, priority, retries, workers
+                        )
+                        self._outbox.append((True, msg))
+                    break
+            if shipped is None:
+                shipped = _ship(func)
+            for k in todo:
+                args = arg_tuples[first[k]]
+                deps: dict[Any, Future] = {}
+                task = self._build_task(shipped, args, kwargs, deps)
+                if deps:
+                    self._check_deps(deps, k)
+                    held.update(deps)
+                try:
+                    tasks[k] = self._dumps(task)
+                except Exception as err:
+                    raise self._serialization_error(k, func, args, kwargs, err) from err
+                dependencies[k] = list(deps)
         if new:
             self._schedule_flush()
         return futures
+
+    def _graph_message(
+        self,
+        send: list,
+        tasks: Mapping[Any, list],
+        dependencies: Mapping[Any, list],
+        order: Mapping[Any, int],
+        priority: int,
+        retries: int | None,
+        workers: Any,
+        wanted: Iterable[Any] | None = None,
+    ) -> dict[str, Any]:
+        """The ``update-graph`` message creating the tasks ``send``."""
+        gen = next(self._generation)
+        prio = -int(priority)
+        msg: dict[str, Any] = {
+            "op": "update-graph",
+            "tasks": {k: tasks[k] for k in send},
+            "dependencies": {k: dependencies[k] for k in send},
+            "keys": list(send) if wanted is None else list(wanted),
+            "priority": {k: (prio, gen, order.get(k, 0)) for k in send},
+            "client": self.id,
+        }
+        if retries:
+            msg["retries"] = dict.fromkeys(send, int(retries))
+        restrict = _as_worker_list(workers)
+        if restrict:
+            msg["workers"] = dict.fromkeys(send, restrict)
+        return msg
 
     # -- public API: results --------------------------------------------------------------
     def gather(
@@ -1659,53 +1704,43 @@ class Client:
                 continue
             plain[k] = _graph_futures(task, ext, graph.literal)
         self._check_deps({**held, **ext}, "of the graph")
-        with self._cond:
-            have = {
-                k
-                for k in plain
-                if (st := self._states.get(k)) is not None and st.status is not _CANCELLED
-            }
         external = {**held, **ext}
         order = graph.order(plain) if plain else {}
-        tasks: dict[Any, list] = {}
-        dependencies: dict[Any, list] = {}
-        for k, task in plain.items():
-            if k in have:
-                continue
-            deps = list(graph.get_dependencies(plain, k, as_list=True))
-            if external:
-                deps += [d for d in _refs_to(task, external) if d not in deps]
-            try:
-                tasks[k] = self._dumps(task)
-            except Exception as err:
-                raise SerializationError(f"cannot serialize task {k!r}: {err}") from err
-            dependencies[k] = deps
         missing = [k for k in wanted if k not in plain and k not in held]
         if missing:
             raise GraphError(f"cannot compute {missing[0]!r}: it is not a key of the graph")
-        with self._cond:
-            futures, new = self._new_futures(wanted)
-            fresh = set(new)
-            # Tasks this client already holds must not be created twice; wanted keys
-            # another thread created meanwhile are already on their way.
-            send = {k: t for k, t in tasks.items() if k not in self._states or k in fresh}
-            if send:
-                gen = next(self._generation)
-                prio = -int(priority)
-                msg: dict[str, Any] = {
-                    "op": "update-graph",
-                    "tasks": send,
-                    "dependencies": {k: dependencies[k] for k in send},
-                    "keys": [k for k in new if k in send],
-                    "priority": {k: (prio, gen, order.get(k, 0)) for k in send},
-                    "client": self.id,
+        tasks: dict[Any, list] = {}
+        dependencies: dict[Any, list] = {}
+        while True:
+            with self._cond:
+                states = self._states
+                live = {
+                    k
+                    for k in plain
+                    if (st := states.get(k)) is not None and st.status is not _CANCELLED
                 }
-                if retries:
-                    msg["retries"] = dict.fromkeys(send, int(retries))
-                restrict = _as_worker_list(workers)
-                if restrict:
-                    msg["workers"] = dict.fromkeys(send, restrict)
-                self._outbox.append((True, msg))
+                todo = [k for k in plain if k not in live and k not in tasks]
+                if not todo:
+                    # Atomically with creating the futures: tasks of keys this client
+                    # holds are not sent again (see _map_calls for why this loops).
+                    send = [k for k in tasks if k not in live]
+                    futures, new = self._new_futures(wanted)
+                    if send:
+                        msg = self._graph_message(
+                            send, tasks, dependencies, order, priority, retries, workers, new
+                        )
+                        self._outbox.append((True, msg))
+                    break
+            for k in todo:
+                task = plain[k]
+                deps = list(graph.get_dependencies(plain, k, as_list=True))
+                if external:
+                    deps += [d for d in _refs_to(task, external) if d not in deps]
+                try:
+                    tasks[k] = self._dumps(task)
+                except Exception as err:
+                    raise SerializationError(f"cannot serialize task {k!r}: {err}") from err
+                dependencies[k] = deps
         if send:
             self._schedule_flush()
         return futures
@@ -1924,6 +1959,18 @@ class Client:
         info["workers"] = dict(workers)
         return info
 
+    def retire_workers(self, workers: Sequence[str]) -> list[str]:
+        """Close the given workers (by address or name); return the addresses retired.
+
+        Tasks running there are rescheduled and results only they held are recomputed
+        from the graph when needed, so nothing is lost, though work may be repeated.
+        """
+        self._check_running()
+        reply = self._sync(
+            self._request({"op": "retire-workers", "workers": list(workers)}), self._timeout
+        )
+        return list(reply.get("workers") or [])
+
     def get_executor(self, **kwargs: Any) -> ClientExecutor:
         """Return a :class:`concurrent.futures.Executor` that runs calls on this client.
 
@@ -2116,21 +2163,33 @@ async def _close_quietly(conn: Any) -> None:
         await _maybe_await(conn.close())
 
 
-def _settle(pairs: list[tuple[Future, _cf.Future]], data: Mapping[Any, Any]) -> None:
-    """Give executor futures their outcome (runs in the client's callback thread)."""
+def _settle(
+    pairs: list[tuple[Future, _cf.Future]], data: Mapping[Any, Any], may_block: bool = True
+) -> None:
+    """Give executor futures their outcome (in the client's callback thread).
+
+    With ``may_block=False`` (the callback thread is gone and this runs wherever the
+    future completed, maybe under the client lock) nothing is fetched or waited for.
+    """
     for future, cf in pairs:
+        st = future._state
         try:
-            status = future._state.status
-            if status is _CANCELLED:
+            if st.status is _CANCELLED:
                 cf.cancel()
             elif cf.set_running_or_notify_cancel():
-                if status is _FINISHED and future.key in data:
+                if st.status is _FINISHED and future.key in data:
                     cf.set_result(data[future.key])
-                else:
+                elif st.status is _ERROR:
+                    cf.set_exception(st.exception())
+                elif may_block:
                     try:
                         cf.set_result(future.result())
                     except BaseException as err:
                         cf.set_exception(err)
+                else:
+                    cf.set_exception(
+                        SchedulerError(f"client closed before the result of {future.key!r} arrived")
+                    )
         except _cf.InvalidStateError:  # settled already (e.g. cancelled meanwhile)
             pass
         finally:

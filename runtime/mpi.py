@@ -18,7 +18,8 @@ stop the others; launch with MPICH's ``-disable-auto-cleanup`` (the launchers do
 their role is over, skipping ``MPI_Finalize``, which would otherwise wait for ranks
 that are gone.
 
-In batch mode (``--script``), rank 1 runs the user's script with ``__name__ ==
+In batch mode (``--script``), rank 1 runs the user's script (in a 2-rank job, rank 0
+runs it beside the scheduler, so one worker rank remains) with ``__name__ ==
 "__main__"`` and a default :class:`~runtime.client.Client` connected to the cluster
 (``hpc.compute`` and ``Client()`` find it; ``HPC_SCHEDULER_FILE`` is set too). When
 the script ends the cluster shuts down, and the job's exit code is the script's.
@@ -110,10 +111,6 @@ def _check_launch(args: argparse.Namespace, size: int) -> None:
         )
     if args.script is not None and not args.script:
         raise MPIError("--script needs the path of a Python script to run")
-    if args.script and size < 3:
-        raise MPIError(
-            f"--script needs at least 3 MPI ranks (scheduler, client, worker); got {size}"
-        )
 
 
 def _finalize_mpi() -> None:
@@ -152,7 +149,7 @@ async def start_role(args: argparse.Namespace, comm: Any, *, finalize: bool = Fa
     if info is None:
         raise MPIError("the scheduler on rank 0 failed to start; see rank 0's error output")
     address, secret_hex = info
-    if args.script and rank == CLIENT_RANK:
+    if args.script and rank == CLIENT_RANK and size > 2:
         return address, bytes.fromhex(secret_hex)
     return await _start_worker(args, rank=rank, address=address, secret=bytes.fromhex(secret_hex))
 
@@ -196,6 +193,15 @@ def run(args: argparse.Namespace, comm: Any = None) -> int:
     if args.no_scheduler:
         _finalize_mpi()
         return _supervise_worker(args, rank=rank, scheduler_file=args.scheduler_file)
+    if args.script and size == 2:
+        # Two ranks: the script runs beside the scheduler on rank 0, the worker on rank 1.
+        if rank == SCHEDULER_RANK:
+            return _run_script_beside_scheduler(args, comm)
+        info = comm.bcast(None, root=SCHEDULER_RANK)
+        _finalize_mpi()
+        if info is None:
+            raise MPIError("the scheduler on rank 0 failed to start; see rank 0's error output")
+        return _supervise_worker(args, rank=rank, address=info[0], secret_hex=info[1])
     if rank == SCHEDULER_RANK:
 
         async def serve() -> None:
@@ -306,6 +312,17 @@ async def _start_worker(
     )
     await worker.start()
     return worker
+
+
+def _run_script_beside_scheduler(args: argparse.Namespace, comm: Any) -> int:
+    from runtime import ioloop
+
+    scheduler = ioloop.run_sync(_start_scheduler(args, comm))
+    _finalize_mpi()
+    try:
+        return _run_script(args.script, scheduler.address, scheduler.secret, args.scheduler_file, 1)
+    finally:
+        ioloop.run_sync(scheduler.close("batch script finished"), timeout=30)
 
 
 def _wait_for_workers(client: Any, n: int, timeout: float) -> None:

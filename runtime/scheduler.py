@@ -554,6 +554,13 @@ class SchedulerState:
         """Return ``{address: description}`` for every worker (see WorkerRecord.info)."""
         return {address: ws.info() for address, ws in self.workers.items()}
 
+    def tasks_info(self) -> dict[str, int]:
+        """Return task counts by state (what adaptive scaling follows); O(tasks)."""
+        counts = {state.name.lower(): 0 for state in TaskState}
+        for ts in self.tasks.values():
+            counts[ts.state.name.lower()] += 1
+        return counts
+
     def resolve_workers(self, names: Iterable[Any]) -> list[str]:
         """Return the addresses of the workers given by address or name (unknown: skipped)."""
         found: dict[str, None] = {}
@@ -857,7 +864,15 @@ class SchedulerState:
                     cs.id, msg, {"op": _WHO_HAS, "who_has": self.who_has(msg.get("keys") or ())}
                 )
             elif op == _SCHEDULER_INFO:
-                self._reply(cs.id, msg, {"op": _SCHEDULER_INFO, "workers": self.workers_info()})
+                self._reply(
+                    cs.id,
+                    msg,
+                    {
+                        "op": _SCHEDULER_INFO,
+                        "workers": self.workers_info(),
+                        "tasks": self.tasks_info(),
+                    },
+                )
             elif op == _CLOSE_CLIENT:
                 self._remove_client(cs.id)
                 break
@@ -2148,11 +2163,12 @@ class Scheduler:
         await self.close()
 
     def identity(self) -> dict[str, Any]:
-        """Return ``{"address", "workers": {address: info}, "started"}`` (scheduler-info)."""
+        """Return ``{"address", "started", "workers": {address: info}, "tasks": counts}``."""
         return {
             "address": self.address,
             "started": self.started,
             "workers": self.state.workers_info(),
+            "tasks": self.state.tasks_info(),
         }
 
     # ------------------------------------------------------------- connections

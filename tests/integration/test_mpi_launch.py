@@ -93,6 +93,24 @@ def test_script_mode_runs_the_client_and_exits_with_its_code(tmp_path):
     assert not (tmp_path / "sched.json").exists()  # removed when the cluster shut down
 
 
+def test_two_rank_batch_job_runs_the_script_beside_the_scheduler(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import hpc\n"
+        "client = hpc.Client()\n"
+        "print('WORKERS', len(client.scheduler_info()['workers']))\n"
+        "print('RESULT', sum(client.gather(client.map(abs, range(-5, 0)))))\n"
+    )
+    proc = subprocess.run(
+        mpi_cmd(2, "--scheduler-file", str(tmp_path / "s.json"), "--script", str(script)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "WORKERS 1" in proc.stdout and "RESULT 15" in proc.stdout, proc.stderr
+
+
 def test_failing_script_fails_the_job(tmp_path):
     script = tmp_path / "bad.py"
     script.write_text("raise ValueError('broken input')\n")

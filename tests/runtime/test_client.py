@@ -47,7 +47,8 @@ DEADLINE = 10.0
 class FakeScheduler:
     """Accepts clients, records what they send, and sends what the test tells it to."""
 
-    def __init__(self) -> None:
+    def __init__(self, hello: dict[str, Any] | None = None) -> None:
+        self.hello = hello
         self.cond = threading.Condition()
         self.received: list[dict[str, Any]] = []
         self.batches: list[list[dict[str, Any]]] = []
@@ -59,7 +60,9 @@ class FakeScheduler:
 
     def start(self) -> FakeScheduler:
         async def start() -> None:
-            self.listener = await comm.listen("tcp://127.0.0.1:0", self._handle, SECRET)
+            self.listener = await comm.listen(
+                "tcp://127.0.0.1:0", self._handle, SECRET, hello=self.hello
+            )
 
         ioloop.run_sync(start(), DEADLINE)
         self.address = self.listener.address
@@ -317,6 +320,22 @@ def test_as_completed_yields_in_completion_order_and_accepts_additions(fake, cli
     assert ac.is_empty()
 
 
+def test_as_completed_batches_hand_out_everything_ready(fake, client):
+    futures = client.map(inc, range(4))
+    ac = as_completed(futures, timeout=DEADLINE)
+    assert ac.next_batch(block=False) == [] and not ac.has_ready()
+    fake.send(
+        *({"op": "key-in-memory", "key": f.key, "nbytes": 1, "type": "int"} for f in futures[:3])
+    )
+    first = ac.next_batch()
+    while len(first) < 3:
+        first += ac.next_batch()
+    assert set(first) == set(futures[:3]) and ac.count() == 1
+    fake.send({"op": "key-in-memory", "key": futures[3].key, "nbytes": 1, "type": "int"})
+    assert list(ac.batches()) == [[futures[3]]]
+    assert ac.is_empty()
+
+
 def test_as_completed_times_out(client):
     ac = as_completed([client.submit(inc, 1)], timeout=0.05)
     with pytest.raises(TimeoutError):
@@ -476,6 +495,33 @@ def test_key_resubmitted_after_release_is_sent_again(fake, client):
     fake.wait_for("update-graph", 2)
 
 
+def test_key_released_while_resubmitting_is_sent_again(fake, client):
+    """A key held when submit checks, released before it commits, is still sent."""
+    old = client.submit(inc, 1)
+    key = old.key
+    old.release()  # queued: the release flush comes a little later
+    real_dumps = client._dumps
+
+    async def flush() -> None:
+        client._flush()
+
+    def dumps_then_release(obj: Any) -> Any:
+        ioloop.run_sync(flush(), DEADLINE)  # the release lands while we serialize
+        return real_dumps(obj)
+
+    client._dumps = dumps_then_release
+    futures = client.map(inc, [2, 1])
+    client._dumps = real_dumps
+    assert futures[1].key == key
+    fake.sync(client)
+    ops = [(m["op"], sorted(m.get("tasks") or m.get("keys") or [])) for m in fake.received[1:]]
+    assert ops[:3] == [
+        ("update-graph", [key]),
+        ("release-keys", [key]),
+        ("update-graph", sorted([key, futures[0].key])),
+    ]
+
+
 # -- connection and defaults ---------------------------------------------------------------------
 
 
@@ -487,6 +533,23 @@ def test_wrong_secret_is_refused(fake):
 def test_missing_secret_is_a_clear_error(fake):
     with pytest.raises(SchedulerError, match="secret"):
         Client(fake.address)
+
+
+def test_version_mismatch_is_an_error_listing_the_differences():
+    from runtime import config, protocol
+    from runtime.errors import VersionMismatchError
+
+    theirs = {**protocol.versions(), "python": "3.0.1", "cloudpickle": "0.1"}
+    sched = FakeScheduler(hello={"versions": theirs}).start()
+    try:
+        with pytest.raises(VersionMismatchError) as info:
+            Client(sched.address, secret=SECRET, timeout=DEADLINE)
+        assert "python: " in str(info.value) and "3.0.1" in str(info.value)
+        assert "cloudpickle" in str(info.value)
+        with config.set({"distributed.version-mismatch": "warn"}):
+            Client(sched.address, secret=SECRET, timeout=DEADLINE).close()
+    finally:
+        sched.stop()
 
 
 def test_scheduler_file_gives_address_and_secret(fake, tmp_path):
@@ -686,6 +749,13 @@ def test_scatter_broadcast_places_data_on_every_worker(c):
     assert all(c.run(holds, "config").values())
 
 
+def test_scatter_to_chosen_workers_with_random_keys(c):
+    first, second = sorted(c.scheduler_info()["workers"])
+    a, b = c.scatter([1, 1], workers=[second], hash=False)
+    assert a.key != b.key
+    assert c.who_has([a, b]) == {a.key: [second], b.key: [second]}
+
+
 def test_releasing_the_last_future_frees_worker_memory(c):
     f = c.submit(bytes, 10_000, pure=False)
     f.result(timeout=DEADLINE)
@@ -792,6 +862,16 @@ def test_executor_cancel_cancels_the_task(c, tmp_path):
         assert queued.cancelled()
 
 
+def test_executor_shutdown_can_cancel_what_is_pending(c, tmp_path):
+    gate = str(tmp_path / "gate")
+    ex = c.get_executor()
+    blockers = [ex.submit(slow_until, gate, i) for i in range(2)]
+    queued = [ex.submit(inc, i) for i in range(5)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in blockers + queued)
+    open(gate, "w").close()
+
+
 def test_compute_persist_and_get_collections(c):
     from runtime.delayed import delayed
 
@@ -831,6 +911,42 @@ def test_scheduler_info_describes_the_workers(c):
     for addr, w in info["workers"].items():
         assert addr.startswith("tcp://")
         assert w["nthreads"] == 1
+
+
+def test_script_exiting_with_live_futures_exits_cleanly(cluster):
+    """Futures dropped at interpreter exit release nothing and raise nothing."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from runtime.client import Client\n"
+        "c = Client(sys.argv[1], secret=bytes.fromhex(sys.argv[2]))\n"
+        "futures = c.map(abs, range(-50, 0), pure=False)\n"
+        "assert c.gather(futures) == list(range(50, 0, -1))\n"
+        "pending = c.submit(sum, futures)\n"
+        "print('done')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, cluster.scheduler_address, cluster.secret.hex()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_client_without_address_starts_and_closes_its_own_cluster(monkeypatch):
+    monkeypatch.delenv("HPC_SCHEDULER_FILE", raising=False)
+    with Client(timeout=DEADLINE) as client:
+        assert client.submit(inc, 1).result(timeout=DEADLINE) == 2
+        cluster = client._cluster
+        procs = cluster.worker_processes
+    assert cluster.status == "closed"
+    assert all(p.poll() is not None for p in procs)
 
 
 def test_shutdown_stops_the_cluster():

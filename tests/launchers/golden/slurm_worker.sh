@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=hpc
+#SBATCH --time=01:00:00
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --cpus-per-task=1
+# An hpc-toolkit worker job for SLURM, written by launchers.SlurmSystem.
+# Every value in this script was shell-quoted when it was filled in.
+cd -- /work/run
+exec mpiexec -n 2 -disable-auto-cleanup /opt/python/bin/python3 -m runtime.mpi --no-scheduler --scheduler-file /work/run/sched.json --nthreads 1
