@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-SUITES = ["local_schedulers"]
+SUITES = ["local_schedulers", "checkpoint", "distributed"]
+
+
+def load(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` as ``benchmarks_<name>``.
+
+    Not by its own name: ``distributed`` would otherwise be taken for Dask's package.
+    """
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", HERE / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"no benchmark suite {name!r} in {HERE}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:
     only = sys.argv[1:] or SUITES
     for name in only:
         print(f"\n== {name} ==")
-        importlib.import_module(name).main([])
+        load(name).main([])
     return 0
 
 

@@ -24,6 +24,7 @@ from runtime.errors import HPCError
 
 __all__ = [
     "SUBCOMMANDS",
+    "add_checkpoint_commands",
     "add_config_command",
     "add_job_commands",
     "add_runtime_commands",
@@ -121,11 +122,95 @@ def add_job_commands(subparsers: Any) -> None:
     add(subparsers)
 
 
+def _checkpoint_store(directory: str) -> Any:
+    import os
+
+    from runtime.checkpoint import CheckpointStore
+
+    if not os.path.isdir(directory):
+        raise HPCError(f"{directory} is not a directory; give the checkpoint directory")
+    return CheckpointStore(directory)
+
+
+def _checkpoints_list(args: argparse.Namespace) -> int:
+    import time
+
+    from runtime.units import format_bytes
+
+    store = _checkpoint_store(args.directory)
+    found = store.list(verify=args.verify)
+    print(f"{'TOKEN':<34}{'SIZE':>10}  {'CREATED':<19}  {'HOST':<16}{'JOB':<12}KEY")
+    total = bad = 0
+    for info in found:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
+        line = (
+            f"{info.token:<34}{format_bytes(info.nbytes):>10}  {created:<19}  "
+            f"{str(info.host or '-'):<16}{str(info.job_id or '-'):<12}{info.key}"
+        )
+        if not info.valid:
+            line += f"  DAMAGED: {info.problem}"
+            bad += 1
+        print(line)
+        total += info.nbytes
+    damaged = f", {bad} damaged" if bad else ""
+    print(f"{len(found)} checkpoints ({format_bytes(total)}{damaged}) in {store.directory}")
+    return 1 if bad else 0
+
+
+def _checkpoints_clean(args: argparse.Namespace) -> int:
+    from runtime.units import format_bytes, parse_timedelta
+
+    store = _checkpoint_store(args.directory)
+    older_than = parse_timedelta(args.older_than) if args.older_than is not None else None
+    result = store.clean(older_than, dry_run=args.dry_run)
+    if args.dry_run:
+        for path in result.paths:
+            print(path)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {result.removed} files ({format_bytes(result.nbytes)}) from {store.directory}")
+    return 0
+
+
+def add_checkpoint_commands(subparsers: Any) -> None:
+    """Add ``hpc checkpoints list|clean DIR``."""
+    parser = subparsers.add_parser(
+        "checkpoints",
+        help="list or clean a checkpoint directory",
+        description="List or delete the task results checkpointed in a directory.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", help="show each checkpoint's token, size and origin")
+    listing.add_argument("directory", help="the checkpoint directory")
+    listing.add_argument(
+        "--verify",
+        action="store_true",
+        help="also verify every checksum (reads every file; exit status 1 if any is damaged)",
+    )
+    listing.set_defaults(handler=_checkpoints_list)
+
+    clean = actions.add_parser(
+        "clean", help="delete checkpoints (all, or those older than --older-than)"
+    )
+    clean.add_argument("directory", help="the checkpoint directory")
+    clean.add_argument(
+        "--older-than",
+        metavar="AGE",
+        default=None,
+        help="only files last written longer ago than this, e.g. 7d, 12h (default: all)",
+    )
+    clean.add_argument(
+        "--dry-run", action="store_true", help="print what would be removed; remove nothing"
+    )
+    clean.set_defaults(handler=_checkpoints_clean)
+
+
 #: Builders of the subcommands, in the order ``hpc --help`` lists them.
 SUBCOMMANDS: list[SubcommandBuilder] = [
     add_config_command,
     add_runtime_commands,
     add_job_commands,
+    add_checkpoint_commands,
 ]
 
 

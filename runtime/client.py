@@ -1686,8 +1686,13 @@ class Client:
         priority: int = 0,
         retries: int | None = None,
         workers: Any = None,
+        checkpoint: Any = None,
     ) -> list[Future]:
-        """Send a graph; return futures for the ``wanted`` keys (in order)."""
+        """Send a graph; return futures for the ``wanted`` keys (in order).
+
+        ``checkpoint``: a directory or ``CheckpointSpec`` (see ``runtime.checkpoint``);
+        the identity tokens go along with the graph (``update-graph``'s ``checkpoint``).
+        """
         from runtime import graph
 
         self._check_running()
@@ -1709,6 +1714,12 @@ class Client:
         missing = [k for k in wanted if k not in plain and k not in held]
         if missing:
             raise GraphError(f"cannot compute {missing[0]!r}: it is not a key of the graph")
+        spec = None
+        if checkpoint is not None:
+            from runtime.checkpoint import checkpoint_spec
+
+            # Results held as futures have no identity: what uses them is not stored.
+            spec = checkpoint_spec(checkpoint, plain, wanted, inputs=dict.fromkeys(external))
         tasks: dict[Any, list] = {}
         dependencies: dict[Any, list] = {}
         while True:
@@ -1729,6 +1740,8 @@ class Client:
                         msg = self._graph_message(
                             send, tasks, dependencies, order, priority, retries, workers, new
                         )
+                        if spec is not None:
+                            msg["checkpoint"] = spec.message(send)
                         self._outbox.append((True, msg))
                     break
             for k in todo:
@@ -1754,6 +1767,7 @@ class Client:
         retries: int | None = None,
         workers: Any = None,
         timeout: float | None = None,
+        checkpoint: Any = None,
         **kwargs: Any,
     ) -> Any:
         """Run a task graph on the cluster and return the values of ``keys``.
@@ -1771,11 +1785,18 @@ class Client:
             As for :meth:`submit`.
         timeout
             Seconds to wait for the results.
+        checkpoint
+            A directory every worker shares: reuse the task results checkpointed
+            there, checkpoint the others (``runtime.checkpoint``). Default: the
+            ``checkpoint.directory`` config value; ``False``: none.
         **kwargs
             Options of the local schedulers (e.g. ``num_workers``); ignored.
         """
         flat = list(dict.fromkeys(_flatten_keys(keys, [])))
-        futures = self._submit_graph(dsk, flat, priority=priority, retries=retries, workers=workers)
+        target = _checkpoint_target(checkpoint)
+        futures = self._submit_graph(
+            dsk, flat, priority=priority, retries=retries, workers=workers, checkpoint=target
+        )
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             values = self._gather_flat(futures, "raise", deadline)
@@ -1792,6 +1813,7 @@ class Client:
         priority: int = 0,
         retries: int | None = None,
         workers: Any = None,
+        checkpoint: Any = None,
     ) -> Any:
         """Start computing collections (objects with Dask's collection protocol).
 
@@ -1806,6 +1828,8 @@ class Client:
             ``optimization.fuse`` is set).
         priority, retries, workers
             As for :meth:`submit`, for every task of the graph.
+        checkpoint
+            As for :meth:`get`. Checkpointed graphs are not fused.
 
         Returns
         -------
@@ -1817,7 +1841,8 @@ class Client:
         out = list(items)
         if positions:
             colls = [items[i] for i in positions]
-            dsk, key_lists = self._collections_graph(colls, optimize_graph)
+            target = _checkpoint_target(checkpoint)
+            dsk, key_lists = self._collections_graph(colls, optimize_graph, target is None)
             finals = []
             for c, keys in zip(colls, key_lists, strict=True):
                 func, extra = c.__dask_postcompute__()
@@ -1828,7 +1853,7 @@ class Client:
                 dsk[name] = (func, keys, *(self._quote(e) for e in extra))
                 finals.append(name)
             futures = self._submit_graph(
-                dsk, finals, priority=priority, retries=retries, workers=workers
+                dsk, finals, priority=priority, retries=retries, workers=workers, checkpoint=target
             )
             for i, f in zip(positions, futures, strict=True):
                 out[i] = f
@@ -1843,11 +1868,13 @@ class Client:
         priority: int = 0,
         retries: int | None = None,
         workers: Any = None,
+        checkpoint: Any = None,
     ) -> Any:
         """Start computing collections; return equivalent ones backed by futures.
 
         The results stay in cluster memory while the returned objects (or the futures
-        inside them) are alive; drop them to free that memory.
+        inside them) are alive; drop them to free that memory. ``checkpoint`` is as
+        for :meth:`get`.
 
         Returns
         -------
@@ -1860,10 +1887,11 @@ class Client:
         out = list(items)
         if positions:
             colls = [items[i] for i in positions]
-            dsk, key_lists = self._collections_graph(colls, optimize_graph)
+            target = _checkpoint_target(checkpoint)
+            dsk, key_lists = self._collections_graph(colls, optimize_graph, target is None)
             flat = list(dict.fromkeys(_flatten_keys(key_lists, [])))
             futures = self._submit_graph(
-                dsk, flat, priority=priority, retries=retries, workers=workers
+                dsk, flat, priority=priority, retries=retries, workers=workers, checkpoint=target
             )
             by_key = dict(zip(flat, futures, strict=True))
             for i, c, keys in zip(positions, colls, key_lists, strict=True):
@@ -1871,7 +1899,9 @@ class Client:
                 out[i] = rebuild({k: by_key[k] for k in _flatten_keys(keys, [])}, *extra)
         return out[0] if single else out
 
-    def _collections_graph(self, colls: list, optimize: bool) -> tuple[dict, list]:
+    def _collections_graph(
+        self, colls: list, optimize: bool, fuse: bool = True
+    ) -> tuple[dict, list]:
         from runtime import graph
 
         dsk: dict = {}
@@ -1882,7 +1912,7 @@ class Client:
         if optimize:
             flat = _flatten_keys(key_lists, [])
             dsk, deps = graph.cull(dsk, flat)
-            if _config("optimization.fuse", True):
+            if fuse and _config("optimization.fuse", True):
                 dsk, _ = graph.fuse_linear(dsk, flat, dependencies=deps)
         return dict(dsk), key_lists
 
@@ -2059,6 +2089,17 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<Client {self.id!r} scheduler={self.scheduler_address!r} {self._status.value}>"
+
+
+def _checkpoint_target(checkpoint: Any) -> Any:
+    """``checkpoint=`` resolved: a directory or spec, or None (config, if not given)."""
+    if checkpoint is False or (
+        checkpoint is None and _config("checkpoint.directory", None) is None
+    ):
+        return None  # the common case: no need to import runtime.checkpoint
+    from runtime.checkpoint import checkpoint_target
+
+    return checkpoint_target(checkpoint)
 
 
 def _info_field(info: Any, name: str) -> Any:

@@ -302,12 +302,20 @@ def _local_address(transport: asyncio.BaseTransport) -> str:
 def _receive_buffer(size: int) -> memoryview:
     """Return writable memory for one large incoming batch.
 
-    Above a megabyte an anonymous mmap: its pages come zeroed from the kernel on
-    first touch, whereas ``bytearray(size)`` would first write zeros over all of it.
-    Arrays loaded from the batch share this memory and keep it alive.
+    Above a megabyte a private anonymous mmap: its pages come zeroed from the kernel
+    on first touch, whereas ``bytearray(size)`` would first write zeros over all of
+    it. Private (not shared) memory with the huge-page hint takes a fraction of the
+    page faults, which bound the receive rate of large arrays. Arrays loaded from the
+    batch share this memory and keep it alive.
     """
     if size >= _MMAP_BODY:
-        return memoryview(mmap.mmap(-1, size))
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        region = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
+        hint = getattr(mmap, "MADV_HUGEPAGE", None)
+        if hint is not None:
+            with contextlib.suppress(OSError):
+                region.madvise(hint)
+        return memoryview(region)
     return memoryview(bytearray(size))
 
 

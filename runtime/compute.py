@@ -17,6 +17,13 @@ Which scheduler runs the graph, first match wins:
 Collections are any objects implementing Dask's collection protocol
 (``__dask_graph__``, ``__dask_keys__``, ``__dask_postcompute__``); other arguments
 are passed through unchanged.
+
+With ``checkpoint=DIR`` (or the ``checkpoint.directory`` config value) task results
+are checkpointed (:mod:`runtime.checkpoint`): the graph is culled but not fused (so
+that every task's result is a checkpoint of its own), identity tokens are computed,
+then a local scheduler runs the graph cut at the valid checkpoints (saving every
+other result), or a ``Client`` sends the tokens along with the graph for its
+scheduler and workers to do the same.
 """
 
 from __future__ import annotations
@@ -120,10 +127,33 @@ def _collections_to_graph(collections: list[Any]) -> tuple[dict, list[list[Any]]
     return dsk, keys
 
 
-def _optimize(dsk: dict, keys: list) -> dict:
+def _is_client_get(get: Callable[..., Any]) -> bool:
+    """Whether ``get`` is a distributed ``Client.get`` (it then takes ``checkpoint=``)."""
+    client = getattr(get, "__self__", None)
+    return client is not None and hasattr(client, "persist") and hasattr(client, "gather")
+
+
+def _run(get: Callable[..., Any], dsk: dict, keys: list, spec: Any, kwargs: dict) -> Any:
+    """``get(dsk, keys, **kwargs)``, with checkpoints when ``spec`` is given."""
+    if spec is None:
+        return get(dsk, keys, **kwargs)
+    if _is_client_get(get):
+        return get(dsk, keys, checkpoint=spec, **kwargs)
+    return spec.run_local(get, dsk, keys, **kwargs)
+
+
+def _checkpoint_spec(checkpoint: Any, dsk: dict, keys: list) -> Any:
+    if checkpoint is False:
+        return None
+    from runtime.checkpoint import checkpoint_spec
+
+    return checkpoint_spec(checkpoint, dsk, keys)
+
+
+def _optimize(dsk: dict, keys: list, fuse: bool = True) -> dict:
     flat = list(_graph.flatten(keys))
     dsk, deps = _graph.cull(dsk, flat)
-    if config.get("optimization.fuse", True):
+    if fuse and config.get("optimization.fuse", True):
         dsk, _ = _graph.fuse_linear(dsk, flat, dependencies=deps)
     return dsk
 
@@ -133,6 +163,7 @@ def compute(
     scheduler: Any = None,
     optimize_graph: bool = True,
     traverse: bool = True,
+    checkpoint: Any = None,
     **kwargs: Any,
 ) -> tuple:
     """Compute several lazy objects in one pass, sharing their common nodes.
@@ -148,6 +179,11 @@ def compute(
         or a ``get`` function. See the module docstring for the default.
     optimize_graph
         Cull the graph to what is needed and fuse linear chains before running.
+    checkpoint
+        A directory shared by every process of the computation: reuse the task
+        results checkpointed there and checkpoint the others (see
+        :mod:`runtime.checkpoint`). ``False`` disables checkpoints; the default,
+        ``None``, uses the ``checkpoint.directory`` config value (if set).
     **kwargs
         Passed to the scheduler function (e.g. ``num_workers=4``).
 
@@ -176,10 +212,12 @@ def compute(
         return tuple(args)
     collections = [items[i] for i in positions]
     dsk, keys = _collections_to_graph(collections)
+    spec = _checkpoint_spec(checkpoint, dsk, keys)
     if optimize_graph:
-        dsk = _optimize(dsk, keys)
+        # With checkpoints, chains are not fused: each task's result is a checkpoint.
+        dsk = _optimize(dsk, keys, fuse=spec is None)
     get = get_scheduler(scheduler)
-    results = get(dsk, keys, **kwargs)
+    results = _run(get, dsk, keys, spec, kwargs)
     out = list(args)
     for pos, coll, res in zip(positions, collections, results):
         finish, extra = coll.__dask_postcompute__()
@@ -200,12 +238,18 @@ def _contains_delayed(value: Any) -> bool:
     return False
 
 
-def persist(*args: Any, scheduler: Any = None, optimize_graph: bool = True, **kwargs: Any) -> tuple:
+def persist(
+    *args: Any,
+    scheduler: Any = None,
+    optimize_graph: bool = True,
+    checkpoint: Any = None,
+    **kwargs: Any,
+) -> tuple:
     """Compute lazy objects and return equivalent objects that hold their results.
 
     With the local schedulers the results are held in this process; with a
     distributed ``Client`` they stay in cluster memory (as futures) until the returned
-    objects are released.
+    objects are released. ``checkpoint`` is as for :func:`compute`.
 
     Returns
     -------
@@ -215,6 +259,8 @@ def persist(*args: Any, scheduler: Any = None, optimize_graph: bool = True, **kw
     get = get_scheduler(scheduler)
     client = getattr(get, "__self__", None)
     if client is not None and hasattr(client, "persist"):
+        if checkpoint is not None:
+            kwargs["checkpoint"] = checkpoint
         persisted = client.persist(list(args), optimize_graph=optimize_graph, **kwargs)
         return tuple(persisted)
     positions = [i for i, a in enumerate(args) if is_collection(a)]
@@ -222,10 +268,12 @@ def persist(*args: Any, scheduler: Any = None, optimize_graph: bool = True, **kw
         return tuple(args)
     collections = [args[i] for i in positions]
     dsk, keys = _collections_to_graph(collections)
+    spec = _checkpoint_spec(checkpoint, dsk, keys)
     if optimize_graph:
-        dsk = _optimize(dsk, keys)
+        # With checkpoints, chains are not fused: each task's result is a checkpoint.
+        dsk = _optimize(dsk, keys, fuse=spec is None)
     flat = list(_graph.flatten(keys))
-    values = get(dsk, flat, **kwargs)
+    values = _run(get, dsk, flat, spec, kwargs)
     results = dict(zip(flat, values))
     out = list(args)
     for pos, coll in zip(positions, collections):

@@ -459,6 +459,7 @@ def delayed(
     nout: int | None = None,
     key: Any = None,
     traverse: bool = True,
+    checkpoint: bool = True,
 ) -> Any:
     """Wrap a function or a value so that using it builds a task graph.
 
@@ -480,6 +481,10 @@ def delayed(
         Exact key for a wrapped value (same as ``name`` for values).
     traverse
         Search containers given as ``obj`` for ``Delayed`` objects.
+    checkpoint
+        ``False`` marks the function impure for checkpoints: its calls are never
+        checkpointed nor read from checkpoints, and neither is anything computed from
+        their results (see :mod:`runtime.checkpoint`).
 
     Returns
     -------
@@ -499,7 +504,15 @@ def delayed(
     if obj is None:
 
         def decorator(func: Callable) -> Any:
-            return delayed(func, name=name, pure=pure, nout=nout, key=key, traverse=traverse)
+            return delayed(
+                func,
+                name=name,
+                pure=pure,
+                nout=nout,
+                key=key,
+                traverse=traverse,
+                checkpoint=checkpoint,
+            )
 
         return decorator
     if isinstance(obj, Delayed):
@@ -509,6 +522,10 @@ def delayed(
     if callable(obj) and not isinstance(obj, type) or isinstance(obj, type):
         if nout is not None and (not isinstance(nout, int) or nout < 0):
             raise ValueError(f"nout must be a non-negative int, got {nout!r}")
+        if not checkpoint:
+            from runtime.checkpoint import uncheckpointed
+
+            obj = uncheckpointed(obj)
         return DelayedFunction(obj, pure=pure, name=name, nout=nout)
     # A plain value (possibly a container holding Delayed objects).
     deps: list[Delayed] = []

@@ -11,6 +11,7 @@
     ├── SchedulerError            a scheduler cannot be reached or used
     ├── WorkerDiedError           a worker process died while running tasks
     ├── KilledWorker              a task was running on too many workers that died
+    ├── CheckpointError           a checkpoint is missing, truncated or corrupted
     ├── VersionMismatchError      peers run different Python/package versions
     └── CommError                 a network connection failed (also a ConnectionError)
         ├── CommClosedError       the connection is closed (peer gone, or closed here)
@@ -22,6 +23,7 @@ Messages name the thing at fault and how to fix it.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "CommClosedError",
     "CommError",
     "ConfigError",
@@ -102,6 +104,23 @@ class KilledWorker(HPCError, RuntimeError):
     def __reduce__(self) -> tuple:
         # Exception pickles only ``args`` by default; keep the task and the workers.
         return (type(self), (str(self), self.key, self.workers))
+
+
+class CheckpointError(HPCError, LookupError):
+    """A checkpoint cannot be used: it is missing, truncated, corrupted or unreadable here.
+
+    Whoever needed it treats it as absent and recomputes the task. ``token`` is the
+    checkpoint's identity token and ``path`` its file, when known.
+    """
+
+    def __init__(self, message: str, token: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.token = token
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        # Keep the token and the path across processes (the processes scheduler).
+        return (type(self), (str(self), self.token, self.path))
 
 
 class VersionMismatchError(HPCError, RuntimeError):

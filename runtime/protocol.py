@@ -24,9 +24,10 @@ Data flow::
 from __future__ import annotations
 
 import enum
-import importlib.metadata
 import logging
-import platform
+import os
+import re
+import sys
 from collections.abc import Mapping
 from typing import Literal
 
@@ -145,7 +146,79 @@ VersionMismatchMode = Literal["error", "warn"]
 _CHECKED_PACKAGES = ("hpc-toolkit", "cloudpickle", "numpy", "pandas")
 
 
+class _Unsure(Exception):
+    """The fast lookup cannot tell: ask :mod:`importlib.metadata`."""
+
+
+def _normalize(name: str) -> str:
+    """A distribution name as :mod:`importlib.metadata` compares them (PEP 503, ``_``)."""
+    return re.sub(r"[-_.]+", "-", name).lower().replace("-", "_")
+
+
+def _metadata_version(info: str) -> str:
+    """The ``Version`` header of a ``.dist-info``/``.egg-info`` directory's metadata."""
+    if not os.path.isdir(info):
+        raise _Unsure(info)
+    for filename in ("METADATA", "PKG-INFO"):
+        try:
+            with open(os.path.join(info, filename), encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        break  # end of the headers
+                    header, sep, value = line.partition(":")
+                    if sep and header.strip().lower() == "version":
+                        return value.strip()
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _Unsure(info) from exc
+        break
+    raise _Unsure(info)
+
+
+def _version_from_path(name: str) -> str | None:
+    """The version :func:`importlib.metadata.version` would report, found directly.
+
+    Importing :mod:`importlib.metadata` (email, zipfile, csv, ...) costs a worker more
+    than the rest of its start-up imports together, so plain installs are read here:
+    the first ``<name>-*.dist-info`` or ``<name>*.egg-info`` directory along
+    ``sys.path``, in the same order and with the same name matching. Anything else
+    (zip archives, eggs, other distribution finders, unusual metadata) raises
+    :class:`_Unsure`.
+    """
+    from importlib.machinery import PathFinder
+
+    for finder in sys.meta_path:
+        if finder is not PathFinder and hasattr(finder, "find_distributions"):
+            raise _Unsure(name)
+    wanted = _normalize(name)
+    for entry in sys.path:
+        root = entry or "."
+        try:
+            children = os.listdir(root)
+        except NotADirectoryError as exc:
+            raise _Unsure(root) from exc  # a zip archive
+        except OSError:
+            continue
+        for child in children:
+            base, ext = os.path.splitext(child.lower())
+            if ext not in (".dist-info", ".egg-info", ".egg"):
+                continue
+            if _normalize(base.partition("-")[0]) != wanted:
+                continue
+            if ext == ".egg":
+                raise _Unsure(child)
+            return _metadata_version(os.path.join(root, child))
+    return None
+
+
 def _package_version(name: str) -> str | None:
+    try:
+        return _version_from_path(name)
+    except _Unsure:
+        pass
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -166,6 +239,8 @@ def versions() -> dict[str, str | None]:
     """
     global _versions_cache
     if _versions_cache is None:
+        import platform
+
         found: dict[str, str | None] = {"python": platform.python_version()}
         for name in _CHECKED_PACKAGES:
             found[name] = _package_version(name)

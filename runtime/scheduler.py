@@ -46,6 +46,24 @@ State kept in :class:`SchedulerState`, and why:
   once runs alone on a worker, so that an innocent neighbour of a task that kills
   its worker is not blamed with it.
 
+Checkpoints (:mod:`runtime.checkpoint`): an ``update-graph`` may carry a directory
+and the identity token of each task (``TaskRecord.checkpoint``). Before a task is
+computed, the scheduler looks its token up (a header read; it never unpickles a
+result). A task found stored (``TaskRecord.stored``) is not computed, and its inputs
+are not needed for it:
+
+- if only dependents need it, it goes straight to MEMORY with no worker holding it
+  ("held by the store"): each worker running a dependent loads it itself, where it is
+  needed (``stored`` in ``compute-task``). A worker that cannot load it reports
+  ``missing-data`` with ``checkpoint``; the task is then computed from its inputs.
+- if a client wants it, a worker loads it as a task (``load`` in ``compute-task``),
+  like a root task, so that the client can gather it from that worker. A failed load
+  (``task-erred``) is not an error: the task is computed from its inputs instead.
+
+The worker that computes a task with a token writes its checkpoint. Lookups happen
+each time a task is about to be (re)computed, so a result lost with its worker is
+loaded from its checkpoint rather than recomputed when one was written meanwhile.
+
 Per-task cost is what limits a central scheduler, so the hot path avoids anything
 per-task that is not needed: records use ``__slots__``, sets are created only when a
 task has something to put in them, no logging happens per task, and messages are
@@ -238,9 +256,16 @@ class TaskRecord:
         Its data came from a client (``update-data``), not from running it.
     queued_in : int
         While QUEUED: which queue holds it.
+    checkpoint : tuple of (str, str) or None
+        ``(directory, identity token)`` when the client asked for checkpoints.
+    stored : bool or None
+        True when the last lookup found its checkpoint (it is then loaded, not
+        computed); False after loading it failed (it is no longer looked up); None
+        otherwise.
     """
 
     __slots__ = (
+        "checkpoint",
         "dependencies",
         "dependents",
         "error",
@@ -256,6 +281,7 @@ class TaskRecord:
         "rootish",
         "scattered",
         "state",
+        "stored",
         "suspicious",
         "type",
         "waiters",
@@ -286,6 +312,8 @@ class TaskRecord:
         self.rootish = False
         self.scattered = False
         self.queued_in = _NOT_QUEUED
+        self.checkpoint: tuple[str, str] | None = None
+        self.stored: bool | None = None
 
     def __repr__(self) -> str:
         return f"<TaskRecord {self.key!r} {self.state.value}>"
@@ -471,6 +499,9 @@ class SchedulerState:
         Retries of a retryable failure when the client gave none for the task.
     validate
         Call :meth:`validate` after every stimulus (slow; for tests).
+    checkpoint_lookup
+        ``lookup(directory, token) -> bool``: whether a valid checkpoint exists;
+        default :func:`runtime.checkpoint.stored` (reads a file header).
     """
 
     def __init__(
@@ -481,6 +512,7 @@ class SchedulerState:
         root_task_lookahead: float = 0.005,
         default_retries: int = 1,
         validate: bool = False,
+        checkpoint_lookup: Callable[[str, str], bool] | None = None,
     ) -> None:
         if allowed_failures < 1:
             raise SchedulerError(
@@ -497,6 +529,10 @@ class SchedulerState:
         self.root_task_lookahead = float(root_task_lookahead)
         self.default_retries = int(default_retries)
         self.validating = validate
+        self.checkpoint_lookup = checkpoint_lookup
+        # Set by the first graph with checkpoints: only then do placement decisions
+        # look for inputs held by the checkpoint store alone.
+        self._checkpointing = False
         # A task that was on this many dying workers runs alone from then on: the
         # task killing its workers is then the only one to reach allowed_failures.
         self._isolate_after = max(1, self.allowed_failures - 1)
@@ -748,7 +784,7 @@ class SchedulerState:
                 if metrics is not None:
                     ws.metrics = metrics
             elif op == _MISSING_DATA:
-                self._missing_data(ws, msg["key"], msg.get("worker"))
+                self._missing_data(ws, msg["key"], msg.get("worker"), bool(msg.get("checkpoint")))
             elif op == _RELEASE_WORKER_DATA:
                 self._release_worker_data(ws, msg.get("keys") or ())
             else:
@@ -778,6 +814,7 @@ class SchedulerState:
         priority: Mapping[Key, tuple] | None = None,
         retries: Mapping[Key, int] | None = None,
         workers: Mapping[Key, Iterable[Any]] | None = None,
+        checkpoint: Mapping[str, Any] | None = None,
     ) -> Outgoing:
         """Add tasks and mark ``keys`` as wanted by ``client``; start what is needed.
 
@@ -797,9 +834,12 @@ class SchedulerState:
             ``{key: n}``; missing ones get ``default_retries``.
         workers
             ``{key: [address, name or host]}``: where a task may run.
+        checkpoint
+            ``{"directory": str, "tokens": {key: identity token}}``: look these tasks'
+            checkpoints up before computing them, and have workers write them.
         """
         self._update_graph(
-            self._client(client), tasks, dependencies, keys, priority, retries, workers
+            self._client(client), tasks, dependencies, keys, priority, retries, workers, checkpoint
         )
         return self._finish()
 
@@ -852,6 +892,7 @@ class SchedulerState:
                     msg.get("priority"),
                     msg.get("retries"),
                     msg.get("workers"),
+                    msg.get("checkpoint"),
                 )
             elif op == _RELEASE_KEYS:
                 self._release_keys(cs, msg.get("keys") or ())
@@ -913,8 +954,11 @@ class SchedulerState:
                 if tasks.get(dts.key) is not dts:
                     fail(f"dependent {dts!r} of {ts!r} is not in tasks")
             # waiters: exactly the dependents that still need this result
+            # (A stored dependent being loaded does not need its inputs.)
             expected = {
-                d for d in ts.dependents or () if d.state in (_WAITING, _QUEUED, _PROCESSING)
+                d
+                for d in ts.dependents or ()
+                if d.state in (_WAITING, _QUEUED, _PROCESSING) and not d.stored
             }
             if (ts.waiters or set()) != expected:
                 fail(f"waiters of {ts!r} are {ts.waiters}, expected {expected}")
@@ -945,7 +989,7 @@ class SchedulerState:
                 for d in missing:
                     if d.state not in (_WAITING, _QUEUED, _PROCESSING):
                         fail(f"{ts!r} waits on {d!r}, which is not being computed")
-            elif st is _QUEUED or st is _PROCESSING:
+            elif (st is _QUEUED or st is _PROCESSING) and not ts.stored:
                 for d in ts.dependencies:
                     if d.state is not _MEMORY:
                         fail(f"{ts!r} is {st.value} but its input {d!r} is not in memory")
@@ -967,7 +1011,9 @@ class SchedulerState:
                 if ws is None or self.workers.get(ws.address) is not ws or ts not in ws.processing:
                     fail(f"{ts!r} is processing on {ws!r}, which does not list it")
             elif st is _MEMORY:
-                for holder in ts.who_has or fail(f"{ts!r} is in memory nowhere"):
+                if not ts.who_has and not ts.stored:
+                    fail(f"{ts!r} is in memory nowhere")
+                for holder in ts.who_has or ():
                     if self.workers.get(holder.address) is not holder or ts not in holder.has_what:
                         fail(f"{ts!r} held by {holder!r}, which does not list it")
             elif st is _ERRED:
@@ -1124,6 +1170,8 @@ class SchedulerState:
         deps = ts.dependencies
         if not deps:
             return True
+        if self._checkpointing and all(not d.who_has for d in deps):
+            return True  # every input is loaded from a checkpoint: it starts a branch
         if len(deps) > _ROOTISH_MAX_DEPENDENCIES:
             return False
         fanout = max(2 * self.total_nthreads, 4)
@@ -1142,7 +1190,7 @@ class SchedulerState:
             return
         if ts.restrictions is not None:
             ws = self._decide_restricted(ts)
-        elif not ts.dependencies or self._is_rootish(ts):
+        elif not ts.dependencies or ts.stored or self._is_rootish(ts):
             ts.rootish = True
             ts.state = _QUEUED
             ts.queued_in = _IN_HEAP
@@ -1248,17 +1296,35 @@ class SchedulerState:
         else:
             out.append(msg)
 
-    @staticmethod
-    def _compute_message(ts: TaskRecord) -> dict[str, Any]:
+    def _compute_message(self, ts: TaskRecord) -> dict[str, Any]:
+        checkpoint = ts.checkpoint
+        if checkpoint is not None and ts.stored:
+            # Load the stored result instead of computing it: no inputs, no payload.
+            return {
+                "op": _COMPUTE_TASK,
+                "key": ts.key,
+                "task": None,
+                "who_has": {},
+                "priority": ts.priority,
+                "checkpoint": checkpoint,
+                "load": True,
+            }
         deps = ts.dependencies
         who_has = {d.key: [w.address for w in d.who_has or ()] for d in deps} if deps else {}
-        return {
+        msg = {
             "op": _COMPUTE_TASK,
             "key": ts.key,
             "task": ts.payload,
             "who_has": who_has,
             "priority": ts.priority,
         }
+        if checkpoint is not None:
+            msg["checkpoint"] = checkpoint  # the worker writes the result there
+        if deps and self._checkpointing:
+            stored = {d.key: d.checkpoint for d in deps if d.stored}
+            if stored:
+                msg["stored"] = stored  # inputs a worker may load itself
+        return msg
 
     def _unassign(self, ts: TaskRecord) -> WorkerRecord:
         """Take ``ts`` off the worker it was processing on (state is left to the caller)."""
@@ -1372,8 +1438,19 @@ class SchedulerState:
             ts = stack.pop()
             if ts.state is not _RELEASED:
                 continue
+            if not ts.who_wants and not ts.waiters:
+                continue  # no longer needed (a stored task no longer waits on it)
             if ts.payload is None:
                 self._err(ts, self._lost_error(ts))
+                continue
+            if ts.checkpoint is not None and ts.stored is not False and self._lookup(ts):
+                # Stored: its inputs are not needed. A client gathers from a worker, so
+                # a worker loads it; dependents load it themselves where they run.
+                self._stop_waiting(ts)
+                if ts.who_wants:
+                    self._ready(ts)
+                else:
+                    self._from_store(ts)
                 continue
             deps = ts.dependencies
             if deps:
@@ -1513,6 +1590,11 @@ class SchedulerState:
             return  # stale: the worker has already forgotten the task
         self._unassign(ts)
         ts.state = _RELEASED
+        if ts.stored:
+            # Loading its checkpoint failed (the worker logged why): compute it instead.
+            ts.stored = False
+            self._compute((ts,))
+            return
         if retryable and ts.retries > 0:
             ts.retries -= 1
             self._compute((ts,))
@@ -1528,9 +1610,18 @@ class SchedulerState:
         )
         self._err(ts, error)
 
-    def _missing_data(self, reporter: WorkerRecord, key: Key, holder: str | None) -> None:
+    def _missing_data(
+        self, reporter: WorkerRecord, key: Key, holder: str | None, checkpoint: bool = False
+    ) -> None:
         ts = self.tasks.get(key)
-        if ts is None or ts.state is not _MEMORY or ts.who_has is None:
+        if ts is None or ts.state is not _MEMORY:
+            return
+        if checkpoint:
+            # The reporter could not load the checkpoint: stop relying on it.
+            ts.stored = False
+        if ts.who_has is None:
+            if not ts.stored:
+                self._lose((ts,))
             return
         hw = self.workers.get(holder) if holder is not None else None
         if hw is not None and hw in ts.who_has:
@@ -1628,14 +1719,20 @@ class SchedulerState:
             ws.pid,
         )
 
-    def _lose(self, lost: Iterable[TaskRecord], compute: bool = True) -> list[TaskRecord]:
-        """Results in ``lost`` have no copy left: back to RELEASED; recompute where needed."""
+    def _lose(
+        self, lost: Iterable[TaskRecord], compute: bool = True, notify: bool = True
+    ) -> list[TaskRecord]:
+        """Results in ``lost`` have no copy left: back to RELEASED; recompute where needed.
+
+        With ``notify=False`` clients are not told (``lost-data``): for a result that
+        only moves from the checkpoint store to a worker.
+        """
         recompute = []
         for ts in lost:
             ts.state = _RELEASED
             ts.who_has = None
             wants = ts.who_wants
-            if wants:
+            if wants and notify:
                 for cs in wants:
                     self._send(cs.id, {"op": _LOST_DATA, "key": ts.key})
             waiters = ts.waiters
@@ -1775,16 +1872,21 @@ class SchedulerState:
         priority: Mapping[Key, tuple] | None,
         retries: Mapping[Key, int] | None,
         restrictions: Mapping[Key, Iterable[Any]] | None,
+        checkpoint: Mapping[str, Any] | None = None,
     ) -> None:
         if len(tasks) < _GC_PAUSE_TASKS or not gc.isenabled():
-            self._add_graph(cs, tasks, dependencies, keys, priority, retries, restrictions)
+            self._add_graph(
+                cs, tasks, dependencies, keys, priority, retries, restrictions, checkpoint
+            )
             return
         # A large graph allocates a record per task: without the pause, the cyclic GC
         # runs over and over while the scheduler's heap grows (measured: 2x slower on
         # a 1,000,000-task graph). Nothing here makes garbage cycles.
         gc.disable()
         try:
-            self._add_graph(cs, tasks, dependencies, keys, priority, retries, restrictions)
+            self._add_graph(
+                cs, tasks, dependencies, keys, priority, retries, restrictions, checkpoint
+            )
         finally:
             gc.enable()
 
@@ -1797,6 +1899,7 @@ class SchedulerState:
         priority: Mapping[Key, tuple] | None,
         retries: Mapping[Key, int] | None,
         restrictions: Mapping[Key, Iterable[Any]] | None,
+        checkpoint: Mapping[str, Any] | None = None,
     ) -> None:
         known = self.tasks
         self._generation += 1
@@ -1839,6 +1942,8 @@ class SchedulerState:
                     else:
                         dependents.add(ts)
                 ts.dependencies = tuple(records)
+        if checkpoint:
+            self._add_checkpoints(checkpoint)
         wanted = []
         for key in keys:
             ts = known.get(key)
@@ -1853,13 +1958,74 @@ class SchedulerState:
             if st is _RELEASED:
                 wanted.append(ts)
             elif st is _MEMORY:
-                self._send(cs.id, self._memory_message(ts))
+                if ts.who_has:
+                    self._send(cs.id, self._memory_message(ts))
+                else:
+                    # Held by the checkpoint store alone: have a worker load it.
+                    self._lose((ts,), notify=False)
             elif st is _ERRED:
                 self._send(cs.id, self._erred_message(ts))
         if wanted:
             self._compute(wanted)
         # Tasks sent along that nothing wants or needs are dropped.
         self._release_cascade([ts for ts in new if ts.state is _RELEASED])
+
+    def _add_checkpoints(self, checkpoint: Mapping[str, Any]) -> None:
+        """Record the checkpoint directory and token of each task that has one."""
+        directory = checkpoint.get("directory")
+        tokens = checkpoint.get("tokens") or {}
+        if not directory or not tokens:
+            return
+        self._checkpointing = True
+        directory = str(directory)
+        known = self.tasks
+        for key, token in tokens.items():
+            ts = known.get(key)
+            if ts is not None and ts.checkpoint is None and ts.payload is not None:
+                ts.checkpoint = (directory, str(token))
+
+    def _lookup(self, ts: TaskRecord) -> bool:
+        """Whether the checkpoint of ``ts`` exists (and so it need not be computed)."""
+        assert ts.checkpoint is not None
+        lookup = self.checkpoint_lookup
+        if lookup is None:
+            from runtime.checkpoint import stored
+
+            lookup = self.checkpoint_lookup = stored
+        try:
+            found = bool(lookup(*ts.checkpoint))
+        except Exception:
+            logger.exception("checkpoint lookup failed for %r", ts.key)
+            found = False
+        ts.stored = True if found else None
+        return found
+
+    def _stop_waiting(self, ts: TaskRecord) -> None:
+        """``ts`` no longer needs its inputs (it was needing them before it was killed)."""
+        release = None
+        for dep in ts.dependencies:
+            w = dep.waiters
+            if w is not None and ts in w:
+                w.discard(ts)
+                if not w and not dep.who_wants:
+                    if release is None:
+                        release = [dep]
+                    else:
+                        release.append(dep)
+        if release is not None:
+            self._release_cascade(release)
+
+    def _from_store(self, ts: TaskRecord) -> None:
+        """``ts`` is needed by dependents only, and stored: MEMORY, held by no worker."""
+        ts.state = _MEMORY
+        ts.who_has = None
+        for dts in ts.waiters or ():
+            wo = dts.waiting_on
+            if wo is not None and dts.state is _WAITING:
+                wo.discard(ts)
+                if not wo:
+                    dts.waiting_on = None
+                    self._ready(dts)
 
     @staticmethod
     def _memory_message(ts: TaskRecord) -> dict[str, Any]:
@@ -1952,7 +2118,8 @@ class SchedulerState:
                 for other in ts.who_wants:
                     if other is not cs:
                         self._send(other.id, self._memory_message(ts))
-            assert ts.who_has is not None
+            if ts.who_has is None:  # it was held by the checkpoint store alone
+                ts.who_has = set()
             for ws in holders:
                 if ws not in ts.who_has:
                     ts.who_has.add(ws)

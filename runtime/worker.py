@@ -43,12 +43,23 @@ needs them any more. A value that cannot be pickled is not silently lost in tran
 the holder names it in its reply (``errors``) and the tasks needing it fail with a
 ``SerializationError``, instead of being recomputed forever.
 
+Checkpoints (:mod:`runtime.checkpoint`): a ``compute-task`` may name where its result
+is checkpointed (``checkpoint``: directory and identity token); the pool thread that
+computed it writes the file before reporting (a failed write is logged, the result
+still counts). With ``load`` the task is not computed: its checkpoint is loaded
+instead. Inputs listed in ``stored`` that no peer holds (or no peer could send) are
+loaded from their checkpoints, off the event loop, and kept as replicas like fetched
+copies; an input whose checkpoint cannot be loaded is reported as ``missing-data``
+with ``checkpoint``, and the scheduler has it computed.
+
 Failures: a task exception is sent back pickled (or, if it will not survive pickling,
 as an instance of its nearest built-in base class carrying the original type name and
 message), with the remote traceback, the exception type name, whether
 ``distributed.retry-exceptions`` calls it retryable, and this worker's address, host
 and pid. When the scheduler connection drops, the worker drops its state and tries to
 register again until ``distributed.worker.death-timeout`` has passed; then it exits.
+With a scheduler file it reads the file again about every second, so it joins a
+restarted scheduler (new address and secret; it then serves peers with the new secret).
 Started with ``parent_pid`` (as :class:`runtime.cluster.LocalCluster` does), it also
 exits as soon as that process is gone.
 """
@@ -103,6 +114,7 @@ logger = logging.getLogger(__name__)
 Key = Hashable
 
 _CONNECT_TIMEOUT = 10.0
+_RECONNECT_ATTEMPT = 1.0
 _CLOSE_TIMEOUT = 2.0
 
 # Plain strings on the wire: an Op member would pickle as a reference to the class.
@@ -144,9 +156,11 @@ class _Task:
     """One task accepted from the scheduler and not yet reported back."""
 
     __slots__ = (
+        "checkpoint",
         "deps",
         "error",
         "key",
+        "load",
         "missing",
         "nbytes",
         "payload",
@@ -172,6 +186,8 @@ class _Task:
         self.deps: Sequence[Key] = ()
         self.missing = 0
         self.error: dict[str, Any] | None = None
+        self.checkpoint: Sequence[str] | None = None  # (directory, token)
+        self.load = False  # load the checkpoint instead of computing
 
 
 # --------------------------------------------------------------------------------------
@@ -612,6 +628,7 @@ class Worker:
         self._replicas: set[Key] = set()  # keys in data the scheduler doesn't place here
         self._dep_waiters: dict[Key, list[_Task]] = {}
         self._dep_holders: dict[Key, list[str]] = {}
+        self._dep_stored: dict[Key, Sequence[str]] = {}  # dep -> its checkpoint
         self._fetch_queue: dict[str, dict[Key, None]] = {}
         self._fetching_from: set[str] = set()
         self._peer_comms: dict[str, Any] = {}
@@ -633,6 +650,7 @@ class Worker:
         self._executor: ThreadPoolExecutor | None = None
         self._listener: Any = None
         self._scheduler_comm: Any = None
+        self._listener_secret: bytes | None = None  # the secret peers must prove
         self._batched: Any = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed_event: asyncio.Event | None = None
@@ -688,6 +706,7 @@ class Worker:
                 self.secret,
                 role=Role.WORKER,
             )
+            self._listener_secret = self.secret
             self.address = self._listener.address
             if self.name is None:
                 self.name = self.address
@@ -805,6 +824,7 @@ class Worker:
         self._replicas.clear()
         self._dep_waiters.clear()
         self._dep_holders.clear()
+        self._dep_stored.clear()
         self._fetch_queue.clear()
         self.data.clear()
         self.nbytes.clear()
@@ -839,13 +859,20 @@ class Worker:
                     self.scheduler_address, self.secret = await asyncio.to_thread(
                         _read_scheduler_file, self.scheduler_file, 0
                     )
+                if self.secret != self._listener_secret:
+                    await self._listen_again()
             assert self.scheduler_address is not None and self.secret is not None
             remaining = deadline - self._loop.time()
+            attempt = _CONNECT_TIMEOUT
+            if self.scheduler_file is not None and self.status is WorkerStatus.RECONNECTING:
+                # Try the address briefly, then read the file again: a restarted
+                # scheduler is found within about a second of writing it.
+                attempt = _RECONNECT_ATTEMPT
             try:
                 sched = await comm.connect(
                     self.scheduler_address,
                     self.secret,
-                    timeout=max(0.1, min(remaining, _CONNECT_TIMEOUT)),
+                    timeout=max(0.1, min(remaining, attempt)),
                     role=Role.WORKER,
                     hello={"address": self.address, "name": self.name},
                 )
@@ -895,6 +922,38 @@ class Worker:
         if len(replies) > 1:
             self._handle_scheduler_messages(replies[1:])
 
+    async def _listen_again(self) -> None:
+        """Serve peers with the new cluster secret of a restarted scheduler.
+
+        Peers and clients of the new cluster prove the new secret; the listener opened
+        with the old one would refuse them. The port is kept when it can be.
+        """
+        from runtime import comm
+
+        old = self._listener
+        bind = old.listen_address if old is not None else comm.format_address("127.0.0.1", 0)
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close()
+                await old.wait_closed()
+        for peer in self._peer_comms.values():
+            peer.abort()  # authenticated with the old secret
+        self._peer_comms.clear()
+        assert self.secret is not None
+        try:
+            self._listener = await comm.listen(
+                bind, self._handle_peer, self.secret, role=Role.WORKER
+            )
+        except OSError:
+            host = comm.parse_address(bind)[0]
+            self._listener = await comm.listen(
+                comm.format_address(host, 0), self._handle_peer, self.secret, role=Role.WORKER
+            )
+        self._listener_secret = self.secret
+        if self._listener.address != self.address:
+            logger.info("worker %s now listens at %s", self.name, self._listener.address)
+            self.address = self._listener.address
+
     async def _read_scheduler(self, sched: Any) -> None:
         try:
             while True:
@@ -940,10 +999,8 @@ class Worker:
             logger.info("worker %s registered again with %s", self.address, self.scheduler_address)
 
     async def _heartbeat_loop(self) -> None:
-        import psutil
-
-        proc = psutil.Process()
         interval = self.heartbeat_interval or 1.0
+        proc: Any = None
         while True:
             await asyncio.sleep(interval)
             if self.parent_pid is not None and not _pid_alive(self.parent_pid):
@@ -954,7 +1011,13 @@ class Worker:
                 return
             if self._batched is None or self.status is not WorkerStatus.RUNNING:
                 continue
+            # Imported here rather than at start-up, where it would take longer than
+            # running a first task. (psutil's first cpu_percent() is 0.0 either way.)
+            import psutil
+
             try:
+                if proc is None:
+                    proc = psutil.Process()
                 rss = proc.memory_info().rss
                 cpu = proc.cpu_percent()
             except psutil.Error:
@@ -1012,6 +1075,9 @@ class Worker:
                 known = self._dep_holders.get(dep)
                 if known is not None:
                     known.extend(h for h in holders if h not in known)
+            for dep, where in (msg.get("stored") or {}).items():
+                if dep in self._dep_holders:
+                    self._dep_stored.setdefault(dep, where)
             return
         if key in self.data:
             self._replicas.discard(key)
@@ -1028,15 +1094,22 @@ class Worker:
             return
         ts = _Task(key, msg["task"], msg.get("priority") or ())
         self._tasks[key] = ts
+        checkpoint = msg.get("checkpoint")
+        if checkpoint is not None:
+            ts.checkpoint = checkpoint
+            ts.load = bool(msg.get("load"))
         who_has = msg.get("who_has")
         if who_has:
             ts.deps = deps = list(who_has)
             refs = self._refs
             data = self.data
+            stored = msg.get("stored")
             for dep in deps:
                 refs[dep] = refs.get(dep, 0) + 1
                 if dep not in data:
                     ts.missing += 1
+                    if stored and dep in stored:
+                        self._dep_stored.setdefault(dep, stored[dep])
                     self._want(dep, who_has[dep], ts)
             if ts.missing:
                 ts.status = _FETCHING
@@ -1134,11 +1207,23 @@ class Worker:
             deps = ts.deps
             ts.start = clock()
             try:
-                # Only the declared dependencies: a literal argument that happens to
-                # equal some other key held here must stay a literal.
-                result = execute_task(
-                    loads(ts.payload), {d: data[d] for d in deps} if deps else _NO_DEPS
-                )
+                checkpoint = ts.checkpoint
+                if checkpoint is not None and ts.load:
+                    from runtime.checkpoint import load as load_checkpoint
+
+                    result = load_checkpoint(checkpoint[0], checkpoint[1])
+                else:
+                    # Only the declared dependencies: a literal argument that happens
+                    # to equal some other key held here must stay a literal.
+                    result = execute_task(
+                        loads(ts.payload), {d: data[d] for d in deps} if deps else _NO_DEPS
+                    )
+                    if checkpoint is not None:
+                        # Written before reporting: a task reported finished has its
+                        # checkpoint on disk (unless writing failed, which is logged).
+                        from runtime.checkpoint import save_quietly
+
+                        save_quietly(checkpoint[0], checkpoint[1], result, ts.key)
             except BaseException as exc:
                 ts.stop = clock()
                 ts.error = self._pack_error(exc)
@@ -1248,6 +1333,10 @@ class Worker:
     def _queue_fetch(self, dep: Key) -> None:
         holders = self._dep_holders[dep]
         if not holders:
+            where = self._dep_stored.pop(dep, None)
+            if where is not None:
+                self._spawn(self._load_stored(dep, where))
+                return
             self._give_up(dep)
             return
         # Prefer a peer already asked for something this round: fewer round trips.
@@ -1323,9 +1412,38 @@ class Worker:
             return dict(reply.get("data") or {}), dict(reply.get("errors") or {})
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _load_stored(self, dep: Key, where: Sequence[str]) -> None:
+        """Load input ``dep`` from its checkpoint (no peer holds it), off the loop."""
+        from runtime import checkpoint
+
+        assert self._loop is not None
+        try:
+            value = await self._loop.run_in_executor(None, checkpoint.load, where[0], where[1])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self.status not in (WorkerStatus.RUNNING, WorkerStatus.STARTING):
+                return
+            logger.warning(
+                "worker %s: cannot load %r from its checkpoint (%s); the scheduler will "
+                "have it computed",
+                self.address,
+                dep,
+                exc,
+            )
+            self._send({"op": _MISSING_DATA, "key": dep, "worker": None, "checkpoint": True})
+            self._give_up(dep)
+            self._flush()
+            return
+        if self.status not in (WorkerStatus.RUNNING, WorkerStatus.STARTING):
+            return
+        self._dep_arrived(dep, value)
+        self._flush()
+
     def _dep_arrived(self, key: Key, value: Any) -> None:
         waiters = self._dep_waiters.pop(key, None)
         self._dep_holders.pop(key, None)
+        self._dep_stored.pop(key, None)
         if waiters is None:
             return
         if key not in self.data and self._refs.get(key):
@@ -1349,6 +1467,7 @@ class Worker:
         if not any(ts.status is _FETCHING for ts in self._dep_waiters.get(key, ())):
             self._dep_waiters.pop(key, None)
             self._dep_holders.pop(key, None)
+            self._dep_stored.pop(key, None)
             return
         self._queue_fetch(key)
 
@@ -1359,6 +1478,7 @@ class Worker:
         recomputes the key where needed and sends the dependent tasks again.
         """
         self._dep_holders.pop(dep, None)
+        self._dep_stored.pop(dep, None)
         for ts in self._dep_waiters.pop(dep, ()):
             if ts.status is _FETCHING and self._tasks.get(ts.key) is ts:
                 del self._tasks[ts.key]
@@ -1420,6 +1540,7 @@ class Worker:
         from runtime.serialize import dumps
 
         self._dep_holders.pop(key, None)
+        self._dep_stored.pop(key, None)
         exc = SerializationError(
             f"the result {key!r} on worker {peer} cannot be sent to another worker: "
             f"{reason}; return a picklable object from that task (or register a "

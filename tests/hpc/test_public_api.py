@@ -29,6 +29,7 @@ EXPECTED = [
     "SubmissionError",
     "__version__",
     "as_completed",
+    "checkpoint",
     "compute",
     "config",
     "delayed",

@@ -475,6 +475,35 @@ def test_duplicate_key_in_a_file_names_both_lines(tmp_path, store):
         store.refresh(paths=[path], env={})
 
 
+PACKAGED_YAML = sorted(
+    p
+    for package in ("runtime", "launchers", "hpc")
+    for p in (RUNTIME_DIR.parent / package).rglob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("path", PACKAGED_YAML, ids=lambda p: p.name)
+def test_packaged_yaml_reads_the_same_with_the_fast_parser(path):
+    fast = runtime.config._read_yaml(path, "defaults file", fast=True)
+    assert fast == runtime.config._read_yaml(path, "defaults file")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("scheduler: sync\nnum-workers: 2\nscheduler: threads\n", "'scheduler' appears twice"),
+        ("scheduler: sync\n num-workers: 2\n", "not valid YAML at line 2, column 13"),
+    ],
+)
+def test_bad_defaults_file_is_reported_as_any_other_file(tmp_path, store, text, expected):
+    path = write(tmp_path / "defaults.yaml", text)
+    with pytest.raises(ConfigError, match=expected) as excinfo:
+        store.register_defaults(path, RUNTIME_SCHEMA, name="other")
+    with pytest.raises(ConfigError) as as_user_file:
+        store.refresh(paths=[path], env={})
+    assert message(excinfo).replace("defaults file", "config file") == message(as_user_file)
+
+
 @pytest.mark.parametrize("text", ["- scheduler: sync\n", "just a string\n", "42\n"])
 def test_file_whose_top_level_is_not_a_mapping_is_an_error(tmp_path, store, text):
     path = write(tmp_path / "list.yaml", text)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+import sys
+import zipfile
 
 import pytest
 
@@ -104,3 +106,48 @@ def test_matching_versions_pass_silently(caplog):
 def test_public_surface_is_sorted_and_complete():
     assert protocol.__all__ == sorted(protocol.__all__)
     assert all(hasattr(protocol, name) for name in protocol.__all__)
+
+
+def _dist(where, dirname, metadata_file, version):
+    info = where / dirname
+    info.mkdir(parents=True)
+    (info / metadata_file).write_text(
+        f"Metadata-Version: 2.1\nName: fakepkg\nVersion: {version}\n\nSummary-in-body: no\n"
+    )
+    return info
+
+
+def _metadata_version(name):
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def test_package_versions_agree_with_importlib_metadata():
+    for name in (*protocol._CHECKED_PACKAGES, "pytest", "PyYAML", "no-such-package-xyz"):
+        assert protocol._package_version(name) == _metadata_version(name), name
+
+
+def test_package_version_takes_the_first_install_along_sys_path(tmp_path, monkeypatch):
+    _dist(tmp_path / "a", "Fake_Pkg-1.0.dist-info", "METADATA", "1.0")
+    _dist(tmp_path / "b", "fake_pkg-2.0.dist-info", "METADATA", "2.0")
+    _dist(tmp_path / "c", "fake.pkg.egg-info", "PKG-INFO", "3.0")
+    monkeypatch.setattr(
+        sys, "path", [str(tmp_path / "missing"), str(tmp_path / "b"), str(tmp_path / "a")]
+    )
+    assert protocol._package_version("fake-pkg") == "2.0" == _metadata_version("fake-pkg")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "c"), str(tmp_path / "a")])
+    assert protocol._package_version("fake_pkg") == "3.0" == _metadata_version("fake_pkg")
+
+
+def test_package_version_in_a_zip_archive_is_found_through_importlib(tmp_path, monkeypatch):
+    archive = tmp_path / "site.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("fakepkg-4.2.dist-info/METADATA", "Name: fakepkg\nVersion: 4.2\n")
+    monkeypatch.setattr(sys, "path", [str(archive)])
+    with pytest.raises(protocol._Unsure):
+        protocol._version_from_path("fakepkg")
+    assert protocol._package_version("fakepkg") == "4.2"

@@ -24,7 +24,13 @@ from typing import Any
 import pytest
 
 from runtime import comm, config, ioloop, serialize
-from runtime.errors import CommClosedError, ConfigError, SchedulerError, SerializationError
+from runtime.errors import (
+    CommClosedError,
+    ConfigError,
+    HandshakeError,
+    SchedulerError,
+    SerializationError,
+)
 from runtime.rendezvous import write_scheduler_file
 from runtime.worker import (
     Worker,
@@ -772,6 +778,37 @@ def test_cli_worker_from_scheduler_file_exits_cleanly_on_sigterm(tmp_path: Path)
         ioloop.run_sync(s.stop(), TIMEOUT)
 
 
+# Imported only when needed (not to start and register): importing them would add a
+# good part of a worker's start-up time to every cluster start.
+LATE_IMPORTS = ("importlib.metadata", "psutil", "numpy", "difflib", "email")
+
+
+def test_cli_worker_registers_without_importing_what_it_needs_only_later(
+    tmp_path: Path,
+) -> None:
+    s = _start_fake_scheduler()
+    try:
+        path = tmp_path / "scheduler.json"
+        write_scheduler_file(path, s.address, s.secret)
+        env = {
+            "PYTHONPROFILEIMPORTTIME": "1",  # every import, on stderr
+            "HPC_DISTRIBUTED__WORKER__HEARTBEAT_INTERVAL": "600s",  # no heartbeat yet
+        }
+        with _reaped(_spawn_worker("--scheduler-file", str(path), env=env)) as proc:
+            _wait_registered(s, 1, proc)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=TIMEOUT)
+        imported = {
+            line.rsplit("|", 1)[-1].strip()
+            for line in err.decode().splitlines()
+            if line.startswith("import time:")
+        }
+        assert "runtime.worker" in imported and "runtime.comm" in imported
+        assert not imported & set(LATE_IMPORTS)
+    finally:
+        ioloop.run_sync(s.stop(), TIMEOUT)
+
+
 def test_cli_worker_exits_with_1_once_the_scheduler_is_gone_past_death_timeout(
     tmp_path: Path,
 ) -> None:
@@ -817,3 +854,168 @@ def test_cli_missing_scheduler_file_fails_naming_the_file(tmp_path: Path) -> Non
     started = time.monotonic()
     assert main(["--scheduler-file", str(path), "--death-timeout", "0.2"]) == 1
     assert time.monotonic() - started < TIMEOUT
+
+
+# -------------------------------------------------------------------------------------
+# Checkpoints: writing results, loading them instead of computing, loading inputs
+
+CKPT = "0123456789abcdef0123456789abcdef"
+OTHER = "fedcba9876543210fedcba9876543210"
+
+
+def _damage(path: str) -> None:
+    data = bytearray(Path(path).read_bytes())
+    data[-1] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+def test_task_with_a_checkpoint_writes_it_before_reporting(tmp_path: Path) -> None:
+    from runtime.checkpoint import CheckpointStore
+
+    async def body() -> None:
+        async with FakeScheduler() as s, Worker(s.address, secret=s.secret) as w:
+            s.send({**task("a", (operator.add, 1, 2)), "checkpoint": [str(tmp_path), CKPT]})
+            await s.expect("task-finished")
+            assert w.data == {"a": 3}
+            assert CheckpointStore(tmp_path).load(CKPT) == 3
+
+    run(body)
+
+
+def test_load_task_reads_its_checkpoint_instead_of_running(tmp_path: Path) -> None:
+    from runtime.checkpoint import CheckpointStore
+
+    CheckpointStore(tmp_path).save(CKPT, {"stored": True})
+
+    async def body() -> None:
+        async with FakeScheduler() as s, Worker(s.address, secret=s.secret) as w:
+            s.send(
+                {
+                    "op": "compute-task",
+                    "key": "a",
+                    "task": None,
+                    "who_has": {},
+                    "priority": (0,),
+                    "checkpoint": [str(tmp_path), CKPT],
+                    "load": True,
+                }
+            )
+            await s.expect("task-finished")
+            assert w.data == {"a": {"stored": True}}
+
+    run(body)
+
+
+def test_load_task_with_a_damaged_checkpoint_errs_with_checkpoint_error(tmp_path: Path) -> None:
+    from runtime.checkpoint import CheckpointStore
+
+    _damage(CheckpointStore(tmp_path).save(CKPT, list(range(100))).path)
+
+    async def body() -> None:
+        async with FakeScheduler() as s, Worker(s.address, secret=s.secret) as w:
+            s.send(
+                {
+                    "op": "compute-task",
+                    "key": "a",
+                    "task": None,
+                    "who_has": {},
+                    "priority": (0,),
+                    "checkpoint": [str(tmp_path), CKPT],
+                    "load": True,
+                }
+            )
+            erred = await s.expect("task-erred")
+            assert erred["exc_type"] == "runtime.errors.CheckpointError"
+            assert "a" not in w.data
+
+    run(body)
+
+
+def test_input_no_peer_holds_is_loaded_from_its_checkpoint_and_dropped_after(
+    tmp_path: Path,
+) -> None:
+    from runtime.checkpoint import CheckpointStore
+
+    CheckpointStore(tmp_path).save(CKPT, 41)
+
+    async def body() -> None:
+        async with FakeScheduler() as s, Worker(s.address, secret=s.secret) as w:
+            msg = task("y", (operator.add, "x", 1), who_has={"x": []})
+            s.send({**msg, "stored": {"x": [str(tmp_path), CKPT]}})
+            assert (await s.expect("task-finished"))["key"] == "y"
+            assert w.data == {"y": 42}  # x was a replica: dropped after use
+
+    run(body)
+
+
+def test_input_whose_holder_fails_falls_back_to_its_checkpoint(tmp_path: Path) -> None:
+    from runtime.checkpoint import CheckpointStore
+
+    CheckpointStore(tmp_path).save(CKPT, 41)
+
+    async def body() -> None:
+        async with (
+            FakeScheduler() as s,
+            Worker(s.address, secret=s.secret) as w,
+            FakePeer({}, s.secret) as empty,
+        ):
+            msg = task("y", (operator.add, "x", 1), who_has={"x": [empty.address]})
+            s.send({**msg, "stored": {"x": [str(tmp_path), CKPT]}})
+            assert (await s.expect("missing-data"))["worker"] == empty.address
+            assert (await s.expect("task-finished"))["key"] == "y"
+            assert w.data == {"y": 42}
+
+    run(body)
+
+
+def test_input_with_a_damaged_checkpoint_is_reported_missing_and_left_to_the_scheduler(
+    tmp_path: Path,
+) -> None:
+    from runtime.checkpoint import CheckpointStore
+
+    _damage(CheckpointStore(tmp_path).save(CKPT, list(range(100))).path)
+
+    async def body() -> None:
+        async with FakeScheduler() as s, Worker(s.address, secret=s.secret) as w:
+            msg = task("y", (len, "x"), who_has={"x": []})
+            s.send({**msg, "stored": {"x": [str(tmp_path), CKPT]}})
+            missing = await s.expect("missing-data")
+            assert missing == {"op": "missing-data", "key": "x", "worker": None, "checkpoint": True}
+            assert "y" not in w._tasks
+            # The scheduler computed x meanwhile and sends y again.
+            async with FakePeer({"x": [1, 2]}, s.secret) as full:
+                s.send(task("y", (len, "x"), who_has={"x": [full.address]}))
+                await s.expect("task-finished")
+            assert w.data == {"y": 2}
+
+    run(body)
+
+
+def test_worker_serves_peers_with_the_secret_of_a_restarted_scheduler(tmp_path: Path) -> None:
+    path = tmp_path / "scheduler.json"
+
+    async def body() -> None:
+        async with FakeScheduler() as first:
+            write_scheduler_file(path, first.address, first.secret)
+            w = Worker(scheduler_file=path, death_timeout=15)
+            await w.start()
+            try:
+                await first.wait_registrations(1)
+                address = w.address
+                await first.stop()  # the scheduler dies; a new one writes a new secret
+                async with FakeScheduler() as second:
+                    write_scheduler_file(path, second.address, second.secret)
+                    await second.wait_registrations(1)
+                    assert second.registrations[0]["address"] == w.address == address
+                    second.send(task("a", (identity, 7)))
+                    await second.expect("task-finished")
+                    c = await comm.connect(w.address, second.secret)
+                    await c.write([{"op": "get-data", "keys": ["a"]}])
+                    assert (await c.read())[0]["data"] == {"a": 7}
+                    await c.close()
+                    with pytest.raises(HandshakeError):
+                        await comm.connect(w.address, first.secret, timeout=2)
+            finally:
+                await w.close()
+
+    run(body)
