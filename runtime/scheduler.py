@@ -205,6 +205,14 @@ def _config(name: str) -> Any:
 # ----------------------------------------------------------------------------- records
 
 
+#: Up to this many idle workers, root tasks go to the least occupied one.
+_LEAST_OCCUPIED_SCAN = 64
+
+
+def _occupancy(ws: WorkerRecord) -> float:
+    return len(ws.processing) / ws.nthreads
+
+
 class TaskRecord:
     """What the scheduler knows about one task (one key).
 
@@ -1378,7 +1386,13 @@ class SchedulerState:
             if ts.queued_in != _IN_HEAP:
                 continue
             ts.queued_in = _NOT_QUEUED
-            assign(ts, next(iter(idle)))
+            if len(idle) <= _LEAST_OCCUPIED_SCAN:
+                # The emptiest worker first, so a quick task does not queue behind a
+                # slow one on a worker that merely has a look-ahead slot free.
+                target = min(idle, key=_occupancy)
+            else:  # many idle workers: any of them will do, and scanning costs O(workers)
+                target = next(iter(idle))
+            assign(ts, target)
 
     def _place_unrunnable(self) -> None:
         pending = sorted(self.unrunnable, key=lambda t: t.priority)

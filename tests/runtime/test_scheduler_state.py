@@ -752,3 +752,13 @@ def test_invalid_parameters_are_refused() -> None:
         SchedulerState(allowed_failures=0)
     with pytest.raises(SchedulerError, match="worker-saturation"):
         SchedulerState(worker_saturation=0)
+
+
+def test_root_tasks_go_to_the_least_occupied_worker_first() -> None:
+    # With saturation each 1-thread worker has a look-ahead slot; the second root task
+    # must go to the empty worker, not queue behind the first one.
+    state = make_state(W1, W2, worker_saturation=2.0)
+    out = submit(state, {"slow": []}, keys=["slow"])
+    (first,) = assignments(out).values()
+    out = submit(state, {"quick": []}, keys=["quick"])
+    assert assignments(out) == {"quick": W2 if first == W1 else W1}
