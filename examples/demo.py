@@ -12,6 +12,7 @@ import argparse
 import os
 import random
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -137,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         if _have_mpi():
             # The same graph on an MPI-launched cluster: mpiexec -n 3 python -m runtime.mpi
             # (rank 0 scheduler, ranks 1-2 workers), as a batch job would start it.
+            logs = tempfile.mkdtemp(prefix="hpc-demo-")  # job script and rank output
             with (
-                hpc.LocalMPICluster(profile="local-mpi", tasks_per_node=3) as cluster,
+                hpc.LocalMPICluster(
+                    profile="local-mpi", tasks_per_node=3, log_directory=logs
+                ) as cluster,
                 hpc.Client(cluster) as client,
             ):
                 elapsed = run(client, corpus, args.leaves, expected)
