@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from runtime import testing
 
 pytestmark = pytest.mark.slurm
 HPC = str(Path(sys.executable).parent / "hpc")
@@ -21,16 +22,13 @@ def hpc(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def wait_for_state(job_id: str, states: set[str], env: dict, cwd: Path, timeout: float = 90):
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
+    def state() -> str:
         out = hpc("status", "--system", "slurm", job_id, env=env, cwd=cwd).stdout
         rows = [line.split() for line in out.splitlines()[1:]]
         seen = next((row[2] for row in rows if row and row[0] == job_id), "")
-        if seen in states:
-            return seen
-        time.sleep(0.5)  # polling the batch system with a deadline
-    raise AssertionError(f"job {job_id} still {seen!r} after {timeout}s, wanted {states}")
+        return seen if seen in states else ""
+
+    return testing.wait_until(state, f"job {job_id} to reach {states}", timeout, 0.5)
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+
+from runtime import testing
 
 BIN = Path(sys.executable).parent
 MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
@@ -38,13 +39,7 @@ def mpi_cmd(n: int, *args: str) -> list[str]:
 
 
 def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return testing.wait_until(predicate, what, timeout)
 
 
 @pytest.fixture
@@ -136,12 +131,7 @@ def test_too_few_ranks_is_a_clear_error(tmp_path):
 
 
 def block_until(path: str, value: int) -> int:
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
-    return value * 2
+    return testing.wait_for_path(path, 60, value * 2)
 
 
 def test_losing_a_worker_rank_leaves_the_others_and_the_work_completes(tmp_path, procs):

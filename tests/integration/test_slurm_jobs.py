@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from launchers import (
     SubmissionError,
     run_command,
 )
-from runtime import rendezvous
+from runtime import rendezvous, testing
 
 pytestmark = pytest.mark.slurm
 
@@ -180,13 +179,11 @@ def test_slurm_cluster_starts_scales_and_closes_through_real_jobs(
 
 
 def wait_for_workers(client, count: int, timeout: float = 120.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def joined() -> int:
         workers = len(client.scheduler_info()["workers"])
-        if workers >= count:
-            return workers
-        time.sleep(0.2)  # polling the scheduler: workers join on their own schedule
-    raise AssertionError(f"fewer than {count} workers after {timeout} s")
+        return workers if workers >= count else 0
+
+    return testing.wait_until(joined, f"{count} workers", timeout, max_interval=0.2)
 
 
 @pytest.mark.parametrize("profile", [None, "slurm"], ids=["mpiexec", "srun-profile"])
@@ -219,14 +216,6 @@ def test_login_node_client_computes_a_graph_on_a_real_slurm_cluster(tmp_path, pr
     assert all(s.state.is_terminal for s in final.values()), final
 
 
-def wait_for_file(path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear")
-        time.sleep(0.05)
-
-
 @pytest.mark.timeout(300)
 def test_adapt_adds_a_worker_job_for_queued_work_and_cancels_it_when_idle(tmp_path):
     from runtime.client import Client
@@ -245,24 +234,17 @@ def test_adapt_adds_a_worker_job_for_queued_work_and_cancels_it_when_idle(tmp_pa
 
     def wait_on_file(path: str, value: int) -> int:
         # Defined here so it travels by value: job processes cannot import this module.
-        import time
-        from pathlib import Path
+        from runtime.testing import wait_for_path
 
-        deadline = time.monotonic() + 120
-        while not Path(path).exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return value
+        return wait_for_path(path, 120, value)
 
     with cluster, Client(cluster) as client:
         cluster.adapt(minimum_jobs=0, maximum_jobs=1, interval="0.5s", wait_count=2)
         # More blocked tasks than the one cluster-job worker can take: work queues up.
         futures = client.map(wait_on_file, [str(go)] * 8, range(8))
         poller = cluster.poller
-        deadline = time.monotonic() + 120
-        while not cluster.worker_jobs():
-            assert time.monotonic() < deadline, "adapt never added a worker job"
-            time.sleep(0.2)  # the adapt thread decides on its own interval
-        (job,) = cluster.worker_jobs()
+        # The adapt thread decides on its own interval.
+        (job,) = testing.wait_until(cluster.worker_jobs, "adapt to add a worker job", 120)
         # The new job's workers joined the cluster job's one.
         assert wait_for_workers(client, 1 + cluster.spec.total_tasks) == 3
         go.touch()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from launchers import (
     LocalMPICluster,
     LocalSystem,
 )
+from runtime import testing
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 STANDIN = Path(__file__).with_name("standin_runtime.py")
@@ -31,16 +31,18 @@ STANDIN = Path(__file__).with_name("standin_runtime.py")
 
 def process_ends(pid: int, timeout: float) -> bool:
     """Whether ``pid`` exits (or is a zombie awaiting its reaper) within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def ended() -> bool:
         try:
             with open(f"/proc/{pid}/stat") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
+                return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
         except FileNotFoundError:
             return True
-        time.sleep(0.05)  # polling another process's state: no event to wait on
-    return False
+
+    try:
+        return testing.wait_until(ended, f"process {pid} to end", timeout)
+    except TimeoutError:
+        return False
 
 
 def wait_until_ended(system, job_id, timeout=30.0):

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ import psutil
 import pytest
 
 import hpc
+from runtime import testing
 from runtime.checkpoint import CheckpointStore, identity_tokens
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,11 +46,7 @@ def _finished(runs: str, label: str) -> None:
 
 
 def _wait_for(path: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gate {path} never opened")
-        time.sleep(0.01)
+    testing.wait_for_path(path, TIMEOUT)
 
 
 def leaf(runs: str, label: str, value: int) -> int:
@@ -119,11 +115,7 @@ CLIENT_SCRIPT = textwrap.dedent(
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    testing.wait_until(predicate, what, timeout)
 
 
 class Processes:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from runtime import comm, ioloop, serialize
+from runtime import comm, ioloop, serialize, testing
 from runtime.client import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -664,12 +664,7 @@ def test_importing_the_client_module_does_not_import_the_network_stack():
 
 def slow_until(path: str, value: Any = None) -> Any:
     """Block until ``path`` exists (the test creates it): a task the test controls."""
-    deadline = time.monotonic() + DEADLINE
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.005)
-    return value
+    return testing.wait_for_path(path, DEADLINE, value)
 
 
 def flaky(path: str, exc_type: type[BaseException], failures: int) -> int:

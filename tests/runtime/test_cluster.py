@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runtime import config, ioloop
+from runtime import config, ioloop, testing
 from runtime.cluster import LocalCluster, _default_shape
 from runtime.errors import ConfigError
 
@@ -35,11 +35,7 @@ def children() -> set[int]:
 
 def wait_until(predicate, what: str, timeout: float = TIMEOUT) -> None:
     """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+    testing.wait_until(predicate, what, timeout)
 
 
 def gone(pids: set[int] | list[int]) -> bool:

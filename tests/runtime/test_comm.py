@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import runtime.comm as comm_module
-from runtime import config
+from runtime import config, testing
 from runtime.comm import (
     PROTOCOL_VERSION,
     BatchedSend,
@@ -339,11 +339,11 @@ def test_reader_that_falls_behind_pauses_the_socket_then_catches_up():
             chunk = np.ones(3_500_000)  # 28 MB per batch; nobody reads yet
             for i in range(3):
                 sender.write([{"op": "data", "i": i, "a": chunk}])
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + DEADLINE
-            while not receiver._protocol._reading_paused:  # bounded unread memory
-                assert loop.time() < deadline
-                await asyncio.sleep(0.01)
+            await testing.async_wait_until(
+                lambda: receiver._protocol._reading_paused,
+                "receiver._protocol._reading_paused",
+                DEADLINE,
+            )  # bounded unread memory
             assert receiver._protocol.queued_bytes <= 2 * 64 * 1024 * 1024
             for i in range(3):
                 [msg] = await asyncio.wait_for(receiver.read(), DEADLINE)
@@ -400,10 +400,7 @@ def test_close_sends_what_was_written_before_it():
             comm.write([{"op": "data", "a": payload}])
             comm.write([{"op": "last"}])
             await asyncio.wait_for(comm.close(), DEADLINE)
-            deadline = asyncio.get_running_loop().time() + DEADLINE
-            while not server.ended:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.01)
+            await testing.async_wait_until(lambda: server.ended, "server.ended", DEADLINE)
             assert server.received[-1] == [{"op": "last"}]
             np.testing.assert_array_equal(server.received[0][0]["a"], payload)
         finally:
@@ -863,10 +860,7 @@ def test_frames_split_at_every_byte_boundary_are_reassembled():
                 writer.write(message[i : i + 1])
                 await writer.drain()
             await asyncio.wait_for(server.connected.wait(), DEADLINE)
-            deadline = asyncio.get_running_loop().time() + DEADLINE
-            while not server.received:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.01)
+            await testing.async_wait_until(lambda: server.received, "server.received", DEADLINE)
             assert server.received == [[{"op": "x", "data": list(range(50))}]]
             writer.close()
         finally:
@@ -939,10 +933,7 @@ def test_batched_send_coalesces_one_loop_iteration_into_one_batch():
             batched.send({"op": "a"}, {"op": "b"})
             # Nothing is written before control returns to the loop ...
             assert not server.received
-            deadline = asyncio.get_running_loop().time() + DEADLINE
-            while not server.received:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.005)
+            await testing.async_wait_until(lambda: server.received, "server.received", DEADLINE)
             # ... then everything goes as one batch, in order.
             assert len(server.received) == 1
             assert [m.get("key", m["op"]) for m in server.received[0]] == [*range(100), "a", "b"]
@@ -985,10 +976,9 @@ def test_batched_send_flush_writes_now_and_abort_drops_pending():
             with pytest.raises(CommClosedError):
                 batched.send({"op": "after-abort"})
             comm.write([{"op": "marker"}])
-            deadline = asyncio.get_running_loop().time() + DEADLINE
-            while len(server.received) < 2:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.005)
+            await testing.async_wait_until(
+                lambda: len(server.received) >= 2, "len(server.received) >= 2", DEADLINE
+            )
             assert server.received == [[{"op": "now"}], [{"op": "marker"}]]
             await comm.close()
         finally:
@@ -1024,10 +1014,7 @@ def test_batched_send_close_flushes_pending_messages():
             with pytest.raises(CommClosedError):
                 batched.send({"op": "too-late"})
             await comm.close()
-            deadline = asyncio.get_running_loop().time() + DEADLINE
-            while not server.ended:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.01)
+            await testing.async_wait_until(lambda: server.ended, "server.ended", DEADLINE)
             assert server.received == [[{"op": "last-words"}]]
         finally:
             await server.close()
@@ -1167,10 +1154,9 @@ def test_batched_send_drops_only_the_message_that_cannot_be_serialized(caplog):
             with caplog.at_level(logging.ERROR, logger="runtime.comm"):
                 batched.send({"op": "before"}, {"op": "bad", "lock": threading.Lock()})
                 batched.send({"op": "after"})
-                deadline = asyncio.get_running_loop().time() + DEADLINE
-                while len(server.received) < 2:
-                    assert asyncio.get_running_loop().time() < deadline
-                    await asyncio.sleep(0.005)
+                await testing.async_wait_until(
+                    lambda: len(server.received) >= 2, "len(server.received) >= 2", DEADLINE
+                )
             assert server.received == [[{"op": "before"}], [{"op": "after"}]]
             assert any("'bad' message" in r.getMessage() for r in caplog.records)
             await comm.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from runtime import comm, protocol
+from runtime import comm, protocol, testing
 from runtime.errors import HandshakeError, KilledWorker
 from runtime.rendezvous import read_scheduler_file
 from runtime.scheduler import Scheduler, main
@@ -37,11 +37,7 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
 
 async def until(predicate: Callable[[], bool], timeout: float = TIMEOUT, what: str = "") -> None:
     """Poll ``predicate`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
+    await testing.async_wait_until(predicate, what or str(predicate), timeout)
 
 
 class Peer:
