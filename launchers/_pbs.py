@@ -29,7 +29,8 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
-from launchers._errors import JobConfigError, JobQueueError
+from launchers._commands import CommandResult
+from launchers._errors import JobConfigError
 from launchers._render import directive
 from launchers._spec import JobSpec, format_walltime, memory_mib
 from launchers._states import JobState, JobStatus
@@ -235,22 +236,11 @@ class PBSSystem(JobSystem):
                 return line
         raise ValueError(f"no job id in {stdout!r}")
 
-    def cancel(self, job_ids: Iterable[str]) -> None:
-        """``qdel`` the jobs; ids that already ended are not an error."""
-        ids = list(job_ids)
-        if not ids:
-            return
-        result = self._run(["qdel", *ids])
+    cancel_program = "qdel"
+
+    def cancel_found_ended(self, result: CommandResult) -> bool:
         # SLURM's Torque-compatible qdel exits 1 without a word for ended jobs.
-        if result.ok or not result.output or _UNKNOWN_JOB.search(result.output):
-            return
-        raise JobQueueError(
-            self._failure_message("cancel", result),
-            command=result.argv,
-            stderr=result.output,
-            returncode=result.returncode,
-            transient=self.is_transient(result),
-        )
+        return not result.output or bool(_UNKNOWN_JOB.search(result.output))
 
     def query(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
         """Return each job's status from one ``qstat -f`` call (per 500 jobs).

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from launchers._errors import JobQueueError
+from launchers._commands import CommandResult
 from launchers._render import directive
 from launchers._spec import JobSpec, format_walltime, memory_mib
 from launchers._states import JobState, JobStatus
@@ -237,21 +237,10 @@ class SlurmSystem(JobSystem):
                 return match.group(1)
         raise ValueError(f"no job id in {stdout!r}")
 
-    def cancel(self, job_ids: Iterable[str]) -> None:
-        """``scancel`` the jobs; ids that already ended are not an error."""
-        ids = list(job_ids)
-        if not ids:
-            return
-        result = self._run(["scancel", *ids])
-        if result.ok or _ALREADY_ENDED.search(result.output):
-            return
-        raise JobQueueError(
-            self._failure_message("cancel", result),
-            command=result.argv,
-            stderr=result.output,
-            returncode=result.returncode,
-            transient=self.is_transient(result),
-        )
+    cancel_program = "scancel"
+
+    def cancel_found_ended(self, result: CommandResult) -> bool:
+        return bool(_ALREADY_ENDED.search(result.output))
 
     def query(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
         """Return each job's status: ``squeue``, then ``sacct``, then ``scontrol``.

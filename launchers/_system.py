@@ -151,9 +151,28 @@ class JobSystem(abc.ABC):
     def parse_job_id(self, stdout: str) -> str:
         """Return the job id from the submit command's output; ``ValueError`` if absent."""
 
-    @abc.abstractmethod
+    #: The batch system's cancel command (``scancel``, ``qdel``), given the job ids.
+    cancel_program: str = ""
+
+    def cancel_found_ended(self, result: CommandResult) -> bool:
+        """Whether a failed cancel only says the jobs had already ended."""
+        return False
+
     def cancel(self, job_ids: Iterable[str]) -> None:
-        """Cancel jobs; jobs that already ended are not an error."""
+        """Cancel jobs with :attr:`cancel_program`; jobs that already ended are not an error."""
+        ids = list(job_ids)
+        if not ids:
+            return
+        result = self._run([self.cancel_program, *ids])
+        if result.ok or self.cancel_found_ended(result):
+            return
+        raise JobQueueError(
+            self._failure_message("cancel", result),
+            command=result.argv,
+            stderr=result.output,
+            returncode=result.returncode,
+            transient=self.is_transient(result),
+        )
 
     @abc.abstractmethod
     def query(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
