@@ -2408,24 +2408,38 @@ class Scheduler:
             comm.write([{"op": _ERROR, "status": "error", "message": message}])
         await _close_comm(comm)
 
-    async def _serve_worker(self, comm: Any, reg: Mapping[str, Any], rest: list[Any]) -> None:
+    async def _admit(
+        self, comm: Any, reg: Mapping[str, Any], field: str, role: str
+    ) -> tuple[str, Any] | None:
+        """Check a registration and install the peer's stream; None if refused.
+
+        ``reg[field]`` names the peer (a worker's address, a client's id). A peer that
+        registers again before its old connection was noticed gone replaces it.
+        """
         from runtime.comm import BatchedSend
 
-        address = reg.get("address")
-        if not isinstance(address, str) or not address:
-            await self._refuse(comm, "register-worker needs the worker's address")
-            return
-        refusal = self._check_versions(comm, f"worker {address}", reg.get("versions"))
+        name = reg.get(field)
+        if not isinstance(name, str) or not name:
+            await self._refuse(comm, f"register-{role} needs the {role}'s {field}")
+            return None
+        refusal = self._check_versions(comm, f"{role} {name}", reg.get("versions"))
         if refusal is not None:
             await self._refuse(comm, refusal)
-            return
-        old = self._comms.pop(address, None)
-        if old is not None:  # re-registration before the old connection was noticed gone
-            self._streams.pop(address, None)
+            return None
+        old = self._comms.pop(name, None)
+        if old is not None:
+            self._streams.pop(name, None)
             old.abort()
         stream = BatchedSend(comm)
-        self._comms[address] = comm
-        self._streams[address] = stream
+        self._comms[name] = comm
+        self._streams[name] = stream
+        return name, stream
+
+    async def _serve_worker(self, comm: Any, reg: Mapping[str, Any], rest: list[Any]) -> None:
+        admitted = await self._admit(comm, reg, "address", "worker")
+        if admitted is None:
+            return
+        address, stream = admitted
         stream.send({"op": _OK, "status": "OK", "address": self.address})
         state = self.state
         self._dispatch(
@@ -2477,23 +2491,10 @@ class Scheduler:
             await _close_comm(comm)
 
     async def _serve_client(self, comm: Any, reg: Mapping[str, Any], rest: list[Any]) -> None:
-        from runtime.comm import BatchedSend
-
-        client = reg.get("client")
-        if not isinstance(client, str) or not client:
-            await self._refuse(comm, "register-client needs the client's id")
+        admitted = await self._admit(comm, reg, "client", "client")
+        if admitted is None:
             return
-        refusal = self._check_versions(comm, f"client {client}", reg.get("versions"))
-        if refusal is not None:
-            await self._refuse(comm, refusal)
-            return
-        old = self._comms.pop(client, None)
-        if old is not None:
-            self._streams.pop(client, None)
-            old.abort()
-        stream = BatchedSend(comm)
-        self._comms[client] = comm
-        self._streams[client] = stream
+        client, stream = admitted
         stream.send(
             {
                 "op": _OK,
