@@ -75,7 +75,8 @@ class Op(str, enum.Enum):
     SHUTDOWN = "shutdown"
     """{}: stop the scheduler and every worker."""
     CLOSE_CLIENT = "close-client"
-    """{client}"""
+    """{client}: the client is done; its keys are released at once (a client that
+    merely disconnects keeps them for ``distributed.scheduler.client-grace``)."""
 
     # scheduler -> client
     KEY_IN_MEMORY = "key-in-memory"
@@ -88,6 +89,10 @@ class Op(str, enum.Enum):
     """{key}"""
     LOST_DATA = "lost-data"
     """{key}: the only copy of a result was lost with its worker."""
+    SCHEDULER_DRAINING = "scheduler-draining"
+    """{reason, restart: "requeue" | "resubmit" | None}: the scheduler starts no more
+    tasks and will close (its job nears its walltime); with ``restart`` a successor
+    scheduler will take over from the checkpoints, and the client may wait for it."""
 
     # worker -> scheduler
     REGISTER_WORKER = "register-worker"

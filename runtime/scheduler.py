@@ -193,6 +193,7 @@ _DEFAULTS: dict[str, Any] = {
     "worker-saturation": 1.1,
     "root-task-lookahead": "5ms",
     "default-retries": 1,
+    "client-grace": "60s",
 }
 
 
@@ -568,6 +569,12 @@ class SchedulerState:
         self._root_samples = 0
         self._root_duration = 0.0
         self._out: Outgoing = {}
+        #: While paused (a job draining before its walltime) no task is sent to a
+        #: worker: tasks that become ready wait among the unrunnable ones.
+        self.paused = False
+        #: Tasks computed (or loaded) since this state was created: a drain that saw
+        #: none finish knows a restart would make no progress.
+        self.finished_count = 0
 
     def __repr__(self) -> str:
         return (
@@ -813,6 +820,28 @@ class SchedulerState:
         self._remove_client(client)
         return self._finish()
 
+    # ------------------------------------------------------------ stimuli: draining
+
+    def pause(self, notice: Mapping[str, Any] | None = None) -> Outgoing:
+        """Send no more tasks to workers; the ones running carry on (idempotent).
+
+        ``notice``, if given, is sent to every client (e.g. the job is draining before
+        its walltime and will restart).
+        """
+        self.paused = True
+        if notice is not None:
+            msg = dict(notice)
+            for client in self.clients:
+                self._send(client, msg)
+        return self._finish()
+
+    def resume(self) -> Outgoing:
+        """Undo :meth:`pause`: place every task that became ready meanwhile."""
+        if self.paused:
+            self.paused = False
+            self._retry_unrunnable = True
+        return self._finish()
+
     def update_graph(
         self,
         client: str,
@@ -822,7 +851,7 @@ class SchedulerState:
         priority: Mapping[Key, tuple] | None = None,
         retries: Mapping[Key, int] | None = None,
         workers: Mapping[Key, Iterable[Any]] | None = None,
-        checkpoint: Mapping[str, Any] | None = None,
+        checkpoint: Mapping[str, Any] | list[Mapping[str, Any]] | None = None,
     ) -> Outgoing:
         """Add tasks and mark ``keys`` as wanted by ``client``; start what is needed.
 
@@ -1065,7 +1094,7 @@ class SchedulerState:
             for ts in cs.wants:
                 if tasks.get(ts.key) is not ts or not ts.who_wants or cs not in ts.who_wants:
                     fail(f"{cs!r} wants {ts!r}, which does not list it")
-        if (self._queue or self._runs) and self._idle:
+        if (self._queue or self._runs) and self._idle and not self.paused:
             live = [ts for ts in in_heap if ts.queued_in == _IN_HEAP]
             if live:
                 fail(f"{len(live)} root tasks queued while {list(self._idle)} have room")
@@ -1117,6 +1146,8 @@ class SchedulerState:
 
     def _finish_partial(self) -> None:
         """Settle queues without handing the outgoing messages back yet."""
+        if self.paused:
+            return
         if self._suspects or self._draining:
             self._place_suspects()
         if self._retry_unrunnable:
@@ -1191,6 +1222,11 @@ class SchedulerState:
 
     def _ready(self, ts: TaskRecord) -> None:
         """Every input of ``ts`` is in memory: queue it or send it to a worker."""
+        if self.paused:
+            ts.state = _QUEUED
+            ts.queued_in = _IN_UNRUNNABLE
+            self.unrunnable[ts] = None
+            return
         if ts.suspicious >= self._isolate_after and ts.restrictions is None:
             ts.state = _QUEUED
             ts.queued_in = _IN_SUSPECTS
@@ -1529,6 +1565,7 @@ class SchedulerState:
             return
         # processing -> memory
         self._unassign(ts)
+        self.finished_count += 1
         nbytes = nbytes or 0
         ts.state = _MEMORY
         ts.nbytes = nbytes
@@ -1886,7 +1923,7 @@ class SchedulerState:
         priority: Mapping[Key, tuple] | None,
         retries: Mapping[Key, int] | None,
         restrictions: Mapping[Key, Iterable[Any]] | None,
-        checkpoint: Mapping[str, Any] | None = None,
+        checkpoint: Mapping[str, Any] | list[Mapping[str, Any]] | None = None,
     ) -> None:
         if len(tasks) < _GC_PAUSE_TASKS or not gc.isenabled():
             self._add_graph(
@@ -1913,7 +1950,7 @@ class SchedulerState:
         priority: Mapping[Key, tuple] | None,
         retries: Mapping[Key, int] | None,
         restrictions: Mapping[Key, Iterable[Any]] | None,
-        checkpoint: Mapping[str, Any] | None = None,
+        checkpoint: Mapping[str, Any] | list[Mapping[str, Any]] | None = None,
     ) -> None:
         known = self.tasks
         self._generation += 1
@@ -1957,7 +1994,9 @@ class SchedulerState:
                         dependents.add(ts)
                 ts.dependencies = tuple(records)
         if checkpoint:
-            self._add_checkpoints(checkpoint)
+            # One directory, or (a client sending its graphs again) a list of them.
+            for where in checkpoint if isinstance(checkpoint, list) else (checkpoint,):
+                self._add_checkpoints(where)
         wanted = []
         for key in keys:
             ts = known.get(key)
@@ -2201,6 +2240,7 @@ class Scheduler:
         root_task_lookahead: float | str | None = None,
         default_retries: int | None = None,
         version_mismatch: str | None = None,
+        client_grace: float | str | None = None,
         validate: bool = False,
     ) -> None:
         from runtime.units import parse_timedelta
@@ -2221,6 +2261,8 @@ class Scheduler:
         self.scheduler_file = os.fspath(scheduler_file) if scheduler_file is not None else None
         ttl = _config("worker-ttl") if worker_ttl is None else worker_ttl
         self.worker_ttl: float | None = parse_timedelta(ttl) if ttl else None
+        grace = _config("client-grace") if client_grace is None else client_grace
+        self.client_grace: float = (parse_timedelta(grace) or 0.0) if grace else 0.0
         self.version_mismatch = version_mismatch
         self.state = SchedulerState(
             allowed_failures=_config("allowed-failures")
@@ -2250,6 +2292,8 @@ class Scheduler:
         self._closing = False
         self._stopping = False  # a shutdown was requested: no more state changes
         self._closed: asyncio.Event | None = None
+        # Clients whose connection dropped: their work goes on until the timer fires.
+        self._orphans: dict[str, asyncio.TimerHandle] = {}
 
     def __repr__(self) -> str:
         return f"<Scheduler {self.address or 'not started'} {self.state!r}>"
@@ -2301,6 +2345,9 @@ class Scheduler:
             self._closed = asyncio.Event()
         if self._watcher is not None:
             self._watcher.cancel()
+        for timer in self._orphans.values():
+            timer.cancel()
+        self._orphans.clear()
         if self._listener is not None:
             self._listener.close()
         for name, stream in list(self._streams.items()):
@@ -2504,6 +2551,10 @@ class Scheduler:
                 "workers": len(self.state.workers),
             }
         )
+        orphaned = self._orphans.pop(client, None)
+        if orphaned is not None:
+            orphaned.cancel()
+            logger.info("client %s reconnected within its grace period", client)
         self._dispatch(self.state.add_client(client))
         logger.info("client %s connected from %s", client, comm.peer)
         try:
@@ -2520,8 +2571,75 @@ class Scheduler:
             if self._comms.get(client) is comm:
                 self._forget_peer(client)
                 if not self._stopping:
-                    self._dispatch(self.state.remove_client(client))
+                    self._client_gone(client)
             await _close_comm(comm)
+
+    def _client_gone(self, client: str) -> None:
+        """A client's connection dropped without ``close-client``: keep its work a while.
+
+        For ``client_grace`` seconds its keys stay wanted, so a client that reconnects
+        (or a new one submitting the same keys) finds the work done or under way.
+        """
+        if client not in self.state.clients:
+            return  # it closed properly: its keys were released already
+        if not self.client_grace:
+            self._dispatch(self.state.remove_client(client))
+            return
+        logger.warning(
+            "client %s disconnected; its work goes on for %g s (distributed.scheduler."
+            "client-grace) in case it, or a client with the same graph, comes back",
+            client, self.client_grace,
+        )  # fmt: skip
+        previous = self._orphans.pop(client, None)
+        if previous is not None:
+            previous.cancel()
+        loop = asyncio.get_running_loop()
+        self._orphans[client] = loop.call_later(self.client_grace, self._expire_client, client)
+
+    def _expire_client(self, client: str) -> None:
+        self._orphans.pop(client, None)
+        if client in self._comms or self._stopping:
+            return
+        logger.info("client %s did not come back within %g s; releasing its work",
+                    client, self.client_grace)  # fmt: skip
+        self._dispatch(self.state.remove_client(client))
+
+    # ---------------------------------------------------------------- draining
+
+    async def drain(
+        self, reason: str, *, timeout: float | None = None, restart: str | None = None
+    ) -> dict[str, int]:
+        """Start no more tasks; wait up to ``timeout`` seconds for the running ones.
+
+        Used before a job's walltime: a running task that finishes has its result
+        (and its checkpoint) kept; one still running at the timeout is abandoned and
+        computed again by the successor. Clients are told (``scheduler-draining``,
+        with ``restart``: whether a successor scheduler is coming).
+
+        Returns
+        -------
+        dict
+            ``finished``: tasks computed since the scheduler started; ``abandoned``:
+            tasks still running when the drain ended.
+        """
+        notice = {"op": Op.SCHEDULER_DRAINING.value, "reason": reason, "restart": restart}
+        self._dispatch(self.state.pause(notice))
+        running = self.state.processing_count()
+        logger.warning(
+            "draining (%s): no new tasks; waiting up to %s s for %d running task(s)",
+            reason, "unlimited" if timeout is None else f"{timeout:g}", running,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        deadline = math.inf if timeout is None else loop.time() + timeout
+        delay = 0.005
+        while running and not self._closing and loop.time() < deadline:
+            # Poll with back-off: a task-finished stimulus does not need to wake us.
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, 0.1)
+            running = self.state.processing_count()
+        if running:
+            logger.warning("drain timed out: abandoning %d running task(s)", running)
+        return {"finished": self.state.finished_count, "abandoned": running}
 
     async def _client_batch(self, client: str, msgs: list[Any], stream: Any) -> bool:
         """Apply one batch from a client; False when the client is done (closed/shutdown)."""
@@ -2705,10 +2823,16 @@ async def _serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop, sig.name)
+    # Inside a batch job whose script asked for it: drain before the walltime.
+    from runtime.jobenv import DrainGuard
+
+    guard = DrainGuard(scheduler)
+    guard.install(loop)
     print(
         f"scheduler at {scheduler.address}; scheduler file {args.scheduler_file}", file=sys.stderr
     )
     await scheduler.finished()
+    await guard.finished()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -158,9 +158,9 @@ def test_task_flows_from_client_to_worker_and_back() -> None:
     run(scenario())
 
 
-def test_client_disconnect_releases_its_keys_on_the_workers() -> None:
+def test_client_disconnect_without_grace_releases_its_keys_on_the_workers() -> None:
     async def scenario() -> None:
-        async with sched() as s:
+        async with sched(client_grace=0) as s:
             worker = await Peer.worker(s, "tcp://127.0.0.1:50001")
             client = await Peer.client(s)
             client.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
@@ -168,6 +168,105 @@ def test_client_disconnect_releases_its_keys_on_the_workers() -> None:
             await client.close()
             assert (await worker.expect("free-keys"))["keys"] == ["x"]
             await until(lambda: not s.state.clients and not s.state.tasks)
+
+    run(scenario())
+
+
+def test_disconnected_client_keeps_its_work_for_the_grace_period_and_can_reconnect() -> None:
+    async def scenario() -> None:
+        async with sched(client_grace=600) as s:
+            worker = await Peer.worker(s, "tcp://127.0.0.1:50001")
+            client = await Peer.client(s)
+            client.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
+            await worker.expect("compute-task", key="x")
+            await client.close()  # dropped, not close-client
+            await until(lambda: "client-1" in s._orphans)
+            # The work goes on without the client: the task finishes and is kept.
+            worker.send({"op": "task-finished", "key": "x", "nbytes": 8, "type": "int"})
+            await until(lambda: s.state.tasks["x"].state.value == "memory")
+            assert "client-1" in s.state.clients
+            # The same client comes back and asks again: the result is there.
+            again = await Peer.client(s, "client-1")
+            assert not s._orphans
+            again.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
+            assert (await again.expect("key-in-memory", key="x"))["workers"] == [
+                "tcp://127.0.0.1:50001"
+            ]
+
+    run(scenario())
+
+
+def test_disconnected_client_is_released_when_its_grace_period_ends() -> None:
+    async def scenario() -> None:
+        async with sched(client_grace=0.05) as s:
+            worker = await Peer.worker(s, "tcp://127.0.0.1:50001")
+            client = await Peer.client(s)
+            client.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
+            await worker.expect("compute-task", key="x")
+            await client.close()
+            assert (await worker.expect("free-keys"))["keys"] == ["x"]
+            await until(lambda: not s.state.clients and not s.state.tasks and not s._orphans)
+
+    run(scenario())
+
+
+def test_close_client_releases_at_once_despite_the_grace_period() -> None:
+    async def scenario() -> None:
+        async with sched(client_grace=600) as s:
+            worker = await Peer.worker(s, "tcp://127.0.0.1:50001")
+            client = await Peer.client(s)
+            client.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
+            await worker.expect("compute-task", key="x")
+            client.send({"op": "close-client", "client": "client-1"})
+            assert (await worker.expect("free-keys"))["keys"] == ["x"]
+            await until(lambda: not s.state.clients and not s.state.tasks)
+            assert not s._orphans
+
+    run(scenario())
+
+
+def test_drain_sends_no_new_tasks_and_waits_for_running_ones() -> None:
+    async def scenario() -> None:
+        async with sched() as s:
+            worker = await Peer.worker(s, "tcp://127.0.0.1:50001", nthreads=1)
+            client = await Peer.client(s)
+            tasks = {k: [b"p"] for k in ("a", "b", "c", "d", "e", "f")}
+            client.send({"op": "update-graph", "tasks": tasks, "keys": list(tasks)})
+            await worker.expect("compute-task")
+            running = sorted(ts.key for ws in s.state.workers.values() for ts in ws.processing)
+            assert 0 < len(running) < len(tasks)
+            drained = asyncio.ensure_future(s.drain("test", timeout=None, restart="requeue"))
+            notice = await client.expect("scheduler-draining")
+            assert notice["reason"] == "test" and notice["restart"] == "requeue"
+            for key in running:
+                assert not drained.done()
+                worker.send({"op": "task-finished", "key": key, "nbytes": 8, "type": "int"})
+            summary = await asyncio.wait_for(drained, TIMEOUT)
+            assert summary == {"finished": len(running), "abandoned": 0}
+            # Nothing more was sent while draining, though slots are free and tasks wait.
+            sent = [m["key"] for m in worker.inbox if m["op"] == "compute-task"]
+            assert set(sent) <= set(running)
+            assert s.state.processing_count() == 0
+            assert s.state.queued_count() == len(tasks) - len(running)
+            # resume() sends the waiting work out.
+            s._dispatch(s.state.resume())
+            again = (await worker.expect("compute-task"))["key"]
+            while again in running:  # sent before the drain, still unread
+                again = (await worker.expect("compute-task"))["key"]
+            assert again in set(tasks) - set(running)
+
+    run(scenario())
+
+
+def test_drain_abandons_tasks_still_running_at_its_timeout() -> None:
+    async def scenario() -> None:
+        async with sched() as s:
+            worker = await Peer.worker(s, "tcp://127.0.0.1:50001", nthreads=1)
+            client = await Peer.client(s)
+            client.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
+            await worker.expect("compute-task", key="x")
+            summary = await s.drain("walltime", timeout=0.01)
+            assert summary == {"finished": 0, "abandoned": 1}
 
     run(scenario())
 
