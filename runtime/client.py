@@ -58,6 +58,7 @@ from __future__ import annotations
 import concurrent.futures as _cf
 import contextlib
 import contextvars
+import functools
 import inspect
 import itertools
 import logging
@@ -678,8 +679,19 @@ class Client:
         self._worker_comms: dict[str, list[Any]] = defaultdict(list)
         self._cluster: Any = None
         self._owns_cluster = False
+        # Following a scheduler to its successor (a cluster job that drained before its
+        # walltime and restarted): where to wait for it, what the scheduler file said
+        # last, and - while that is possible - every task sent, to send again.
+        self._successor: Callable[[Mapping[str, Any], float | None], Any] | None = None
+        self._scheduler_doc: dict[str, Any] = {}
+        self._restart_notice: dict[str, Any] | None = None
+        self._reconnecting = False
+        self._replay: dict[Any, tuple] | None = None
+        self._replay_kept = 0
 
         self.scheduler_address, self._secret = self._resolve(address, scheduler_file, secret)
+        if self._successor is not None:
+            self._replay = {}
         try:
             self._sync(self._connect(), self._timeout + 5.0)
         except BaseException:
@@ -707,9 +719,15 @@ class Client:
         if scheduler_file is not None:
             from runtime.rendezvous import read_scheduler_file
 
-            info = read_scheduler_file(os.fspath(scheduler_file), timeout=self._timeout)
+            path = os.fspath(scheduler_file)
+            info = read_scheduler_file(path, timeout=self._timeout)
             address = _info_field(info, "address")
             secret = _info_field(info, "secret") if secret is None else secret
+            self._scheduler_doc = dict(info)
+            if not _same_job(info):
+                # A client outside the scheduler's job may outlive it: when it drains
+                # for a restart, its successor rewrites this file.
+                self._successor = functools.partial(_await_scheduler_file, path)
         elif address is None:
             from runtime.cluster import LocalCluster
 
@@ -727,6 +745,10 @@ class Client:
             if secret is None:
                 secret = getattr(cluster, "secret", None)
             self._cluster = cluster
+            follow = getattr(cluster, "_await_scheduler", None)
+            if callable(follow):  # a job-queue cluster: it follows its job's successors
+                self._successor = follow
+                self._scheduler_doc = dict(getattr(cluster, "scheduler_info", None) or {})
         if not secret:
             raise SchedulerError(
                 f"no secret for the scheduler at {address}: pass secret=..., or connect with "
@@ -803,6 +825,9 @@ class Client:
                 "client %s lost its connection to the scheduler at %s: %r",
                 self.id, self.scheduler_address, err,
             )  # fmt: skip
+            if self._follows_restart():
+                self._start_reconnect(err)
+                return
             self._status = _ClientStatus.CLOSED
             _unset_default(self)
             lost = SchedulerError(
@@ -858,6 +883,8 @@ class Client:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._reconnecting:
+            return  # kept in the outbox until the successor scheduler is connected
         outbox = self._outbox
         msgs: list[dict] = []
         released: list = []
@@ -880,6 +907,8 @@ class Client:
                     released.append(item)
         if released:
             msgs.append({"op": "release-keys", "keys": released, "client": self.id})
+        if self._replay is not None and msgs:
+            self._record(msgs)
         bsend = self._bsend
         if msgs and bsend is not None and self._status is not _ClientStatus.CLOSED:
             try:
@@ -922,6 +951,13 @@ class Client:
                     if st is not None and st.status is not _CANCELLED:
                         self._transition(st, _CANCELLED)
                         changed = True
+                elif op == "scheduler-draining":
+                    self._restart_notice = dict(msg)
+                    logger.warning(
+                        "the scheduler at %s is draining (%s)%s", self.scheduler_address,
+                        msg.get("reason"), "; a successor will take over"
+                        if msg.get("restart") else "",
+                    )  # fmt: skip
                 elif op == "lost-data":
                     st = states.get(msg["key"])
                     if st is not None and st.status is _FINISHED:
@@ -968,6 +1004,209 @@ class Client:
         for waiter in replies.values():
             if not waiter.done():
                 waiter.set_exception(error)
+
+    # -- following a restarted scheduler (loop thread) ---------------------------------
+    def _record(self, msgs: list[dict]) -> None:
+        """Keep what each ``update-graph`` sent, to send it again to a successor."""
+        replay = self._replay
+        assert replay is not None
+        for msg in msgs:
+            if msg.get("op") != "update-graph":
+                continue
+            deps = msg.get("dependencies") or {}
+            prio = msg.get("priority") or {}
+            retries = msg.get("retries") or {}
+            workers = msg.get("workers") or {}
+            ckpt = msg.get("checkpoint")
+            stored: dict[Any, tuple[str, str]] = {}
+            wheres: list[Mapping[str, Any]] = (
+                ckpt if isinstance(ckpt, list) else [ckpt] if ckpt else []
+            )
+            for where in wheres:
+                directory = where.get("directory")
+                if directory:
+                    for key, token in (where.get("tokens") or {}).items():
+                        stored[key] = (directory, token)
+            for key, payload in msg["tasks"].items():
+                replay[key] = (
+                    payload,
+                    deps.get(key) or (),
+                    prio.get(key),
+                    retries.get(key),
+                    workers.get(key),
+                    stored.get(key),
+                )
+        if len(replay) > max(10_000, 2 * self._replay_kept):
+            with self._cond:
+                held = list(self._refcount)
+            needed = self._lineage(held)
+            self._replay = {k: replay[k] for k in needed}
+            self._replay_kept = len(self._replay)
+
+    def _lineage(self, keys: Iterable[Any]) -> list[Any]:
+        """Keys of ``keys`` with a recorded task, and every recorded input they need."""
+        replay = self._replay or {}
+        seen: dict[Any, None] = {}
+        stack = [k for k in keys if k in replay]
+        while stack:
+            key = stack.pop()
+            if key in seen:
+                continue
+            seen[key] = None
+            stack.extend(d for d in replay[key][1] if d in replay and d not in seen)
+        return list(seen)
+
+    def _follows_restart(self) -> bool:
+        """Whether to wait for a successor scheduler instead of failing every future."""
+        if self._successor is None or self._status is not _ClientStatus.RUNNING:
+            return False
+        if self._cluster is not None:
+            return True  # the cluster knows whether its job comes back
+        notice = self._restart_notice
+        return bool(notice and notice.get("restart"))
+
+    def _start_reconnect(self, err: BaseException) -> None:
+        import asyncio
+
+        self._reconnecting = True
+        old = self._bsend
+        self._bsend = None
+        self._comm = None
+        close = getattr(old, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+        self._worker_comms.clear()
+        self._fail_requests(
+            SchedulerError(f"the scheduler at {self.scheduler_address} went away ({err!r})")
+        )
+        # Results held by the old workers are gone: wait for the successor's.
+        with self._cond:
+            for st in self._states.values():
+                if st.status is _FINISHED:
+                    st.status = _PENDING
+                    st.workers = None
+                    st.version += 1
+            self._cond.notify_all()
+        asyncio.ensure_future(self._reconnect(err))
+
+    async def _reconnect(self, err: BaseException) -> None:
+        import asyncio
+
+        configured = _config("distributed.client.reconnect-timeout", None)
+        timeout = None if configured is None else _seconds(configured, 0.0)
+        previous = dict(self._scheduler_doc)
+        logger.warning(
+            "client %s waits up to %s for the successor of the scheduler at %s",
+            self.id, "forever" if timeout is None else f"{timeout:g} s", self.scheduler_address,
+        )  # fmt: skip
+        assert self._successor is not None
+        info = None
+        why = "no successor scheduler came"
+        try:
+            loop = asyncio.get_running_loop()
+            info = await loop.run_in_executor(None, self._successor, previous, timeout)
+            if info is not None:
+                self.scheduler_address = str(_info_field(info, "address"))
+                self._secret = bytes(_info_field(info, "secret"))
+                self._scheduler_doc = dict(info)
+                self._restart_notice = None
+                await self._connect()
+        except Exception as exc:  # the successor could not be reached
+            info = None
+            why = f"could not connect to the successor scheduler: {exc!r}"
+        if info is None or self._status is not _ClientStatus.RUNNING:
+            self._reconnecting = False
+            if self._status is _ClientStatus.RUNNING:
+                self._status = _ClientStatus.CLOSED
+                _unset_default(self)
+            lost = SchedulerError(
+                f"lost the connection to the scheduler at {self.scheduler_address} ({err!r}) "
+                f"and {why}; results held on the cluster are gone: create a new Client "
+                "(with checkpoint=DIR, finished tasks are loaded from their checkpoints)"
+            )
+            self._fail_all(lost)
+            self._fail_requests(lost)
+            return
+        logger.warning("client %s reconnected to %s", self.id, self.scheduler_address)
+        try:
+            self._send_replay()
+        except Exception as exc:  # a bug here must not leave every future waiting
+            logger.exception("client %s could not send its graphs again", self.id)
+            self._fail_all(SchedulerError(f"could not resubmit to the successor: {exc!r}"))
+        finally:
+            self._reconnecting = False
+            self._flush()
+
+    def _send_replay(self) -> None:
+        """Send every task still needed to the new scheduler, in one ``update-graph``."""
+        replay = self._replay or {}
+        lost: list[Any] = []
+        # Graphs made while reconnecting wait in the outbox: they go out after this one.
+        unsent = {
+            k for is_msg, m in self._outbox if is_msg and m.get("op") == "update-graph"
+            for k in m.get("tasks", ())
+        }  # fmt: skip
+        with self._cond:
+            wanted = []
+            for key in self._refcount:
+                st = self._states.get(key)
+                if st is None or st.status is not _PENDING or key in unsent:
+                    continue  # failed or cancelled futures keep their outcome
+                if key in replay:
+                    wanted.append(key)
+                else:
+                    lost.append(key)
+        needed = self._lineage(wanted)
+        self._replay = {k: replay[k] for k in needed}
+        self._replay_kept = len(self._replay)
+        if needed:
+            msg: dict[str, Any] = {
+                "op": "update-graph",
+                "tasks": {},
+                "dependencies": {},
+                "keys": wanted,
+                "priority": {},
+                "client": self.id,
+            }
+            retries: dict[Any, int] = {}
+            workers: dict[Any, Any] = {}
+            stores: dict[str, dict[Any, str]] = {}
+            for key in needed:
+                payload, deps, prio, n, where, ckpt = replay[key]
+                msg["tasks"][key] = payload
+                msg["dependencies"][key] = list(deps)
+                if prio is not None:
+                    msg["priority"][key] = prio
+                if n is not None:
+                    retries[key] = n
+                if where is not None:
+                    workers[key] = where
+                if ckpt is not None:
+                    stores.setdefault(ckpt[0], {})[key] = ckpt[1]
+            if retries:
+                msg["retries"] = retries
+            if workers:
+                msg["workers"] = workers
+            if stores:
+                msg["checkpoint"] = [{"directory": d, "tokens": t} for d, t in stores.items()]
+            self._outbox.appendleft((True, msg))
+        if lost:
+            error = SchedulerError(
+                f"{len(lost)} result(s) (e.g. {lost[0]!r}) were scattered to or held by the "
+                "workers of a scheduler that is gone, with no task to compute them again: "
+                "scatter them again"
+            )
+            with self._cond:
+                for key in lost:
+                    st = self._states.get(key)
+                    if st is not None and st.status is _PENDING:
+                        st.error = error
+                        self._transition(st, _ERROR)
+                self._cond.notify_all()
+        logger.info(
+            "client %s sent %d task(s) again for %d future(s)", self.id, len(needed), len(wanted)
+        )
 
     async def _request(self, msg: dict) -> dict:
         """Send a request on the scheduler stream and await its reply (loop thread).
@@ -2106,6 +2345,40 @@ def _info_field(info: Any, name: str) -> Any:
     if isinstance(info, Mapping):
         return info[name]
     return getattr(info, name)
+
+
+def _same_job(info: Mapping[str, Any]) -> bool:
+    """Whether this process runs inside the batch job whose scheduler wrote ``info``."""
+    from runtime.rendezvous import current_job_id
+
+    job = info.get("job_id")
+    return bool(job) and str(job) == current_job_id()
+
+
+def _await_scheduler_file(
+    path: str, previous: Mapping[str, Any], timeout: float | None
+) -> dict[str, Any] | None:
+    """Wait until ``path`` names a scheduler other than ``previous``; ``None`` at the timeout.
+
+    Runs in a helper thread: it polls the file (a stat every half second) because the
+    successor may start on another node, seen only through the shared filesystem.
+    """
+    from runtime.errors import SchedulerError as _SchedulerError
+    from runtime.rendezvous import read_scheduler_file
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        if os.path.exists(path):
+            try:
+                info = read_scheduler_file(path)
+            except _SchedulerError:  # being replaced, or not ours: look again
+                info = None
+            if info is not None and any(
+                info.get(k) != previous.get(k) for k in ("address", "started", "pid")
+            ):
+                return info
+        time.sleep(0.5)  # polling a shared filesystem, with the caller's deadline
+    return None
 
 
 def _call_logged(fn: Callable[[Any], Any], arg: Any) -> None:

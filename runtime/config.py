@@ -91,6 +91,14 @@ _NOT_KEYS = frozenset(
         "HPC_SCHEDULER_FILE",
         "HPC_REQUIRE_SLURM",
         "HPC_REQUIRE_MPI",
+        # A batch job's drain and restart instructions (runtime.jobenv).
+        "HPC_JOB_DRAIN_AT",
+        "HPC_JOB_DRAIN_SIGNAL",
+        "HPC_JOB_RESTART",
+        "HPC_JOB_SCRIPT",
+        "HPC_JOB_MAX_RESTARTS",
+        "HPC_JOB_RESTARTS",
+        "HPC_JOB_RESTART_OF",
     }
 )
 # Cutoff above which an unknown top-level section is taken for a typo of a known name.

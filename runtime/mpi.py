@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from runtime.errors import HPCError
+from runtime.jobenv import DrainGuard, JobEnvironment
 
 __all__ = ["MPIError", "main", "make_parser", "run", "start_role"]
 
@@ -190,6 +191,11 @@ def run(args: argparse.Namespace, comm: Any = None) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     _check_launch(args, size)
     _survive_lost_ranks()
+    job = JobEnvironment.from_environ()
+    if job.drain_signal is not None:
+        # SLURM's --signal reaches every process of the job step: only the scheduler
+        # acts on it (see _guard); workers and what they start carry on until drained.
+        signal.signal(job.drain_signal, signal.SIG_IGN)
     if args.no_scheduler:
         _finalize_mpi()
         return _supervise_worker(args, rank=rank, scheduler_file=args.scheduler_file)
@@ -207,7 +213,10 @@ def run(args: argparse.Namespace, comm: Any = None) -> int:
         async def serve() -> None:
             scheduler = await _start_scheduler(args, comm)
             _finalize_mpi()  # worker connections wait in the listen backlog meanwhile
+            guard = DrainGuard(scheduler, job)
+            guard.install(asyncio.get_running_loop())
             await scheduler.finished()
+            await guard.finished()
 
         asyncio.run(serve())
         return 0
@@ -319,6 +328,16 @@ def _run_script_beside_scheduler(args: argparse.Namespace, comm: Any) -> int:
 
     scheduler = ioloop.run_sync(_start_scheduler(args, comm))
     _finalize_mpi()
+
+    def drained(successor: str | None) -> None:
+        # The script runs again in the successor job (or is re-run by hand), resuming
+        # from its checkpoints; this one would only wait for a scheduler that is gone.
+        logger.warning("the job drained before its walltime; the batch script stops here")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    DrainGuard(scheduler, on_done=drained).install(ioloop.get_loop())
     try:
         return _run_script(args.script, scheduler.address, scheduler.secret, args.scheduler_file, 1)
     finally:

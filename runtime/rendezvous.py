@@ -114,6 +114,14 @@ def write_scheduler_file(
         "dashboard": dashboard,
         "version": versions()["hpc-toolkit"],
     }
+    # A job that took over from a drained one (runtime.jobenv) says so, so that the
+    # login node can follow the chain of jobs: the job it replaces, and its count.
+    restart_of = os.environ.get("HPC_JOB_RESTART_OF")
+    if restart_of:
+        document["restart_of"] = restart_of
+    restarts = os.environ.get("HPC_JOB_RESTARTS") or os.environ.get("SLURM_RESTART_COUNT")
+    if restarts and restarts.strip().isdigit():
+        document["restarts"] = int(restarts)
     data = json.dumps(document, indent=1).encode() + b"\n"
     directory = target.parent
     try:
@@ -249,6 +257,8 @@ def _parse(target: Path, data: bytes) -> dict[str, Any]:
         "job_id": document.get("job_id"),
         "dashboard": document.get("dashboard"),
         "version": document.get("version"),
+        "restart_of": document.get("restart_of"),
+        "restarts": document.get("restarts"),
     }
     return result
 

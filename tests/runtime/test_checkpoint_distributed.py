@@ -28,6 +28,7 @@ import pytest
 import hpc
 from runtime import testing
 from runtime.checkpoint import CheckpointStore, identity_tokens
+from runtime.rendezvous import read_scheduler_file
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -131,21 +132,23 @@ class Processes:
         self.logs: dict[subprocess.Popen, Path] = {}
         (tmp / "logs").mkdir()
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         path = self.tmp / "logs" / f"{name}-{len(self.started)}.log"
         with open(path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 cwd=REPO,
             )
         self.started.append(proc)
         self.logs[proc] = path
         return proc
 
-    def scheduler(self) -> subprocess.Popen:
+    def scheduler(self, env: dict[str, str] | None = None) -> subprocess.Popen:
         with contextlib.suppress(FileNotFoundError):
             self.scheduler_file.unlink()  # a killed scheduler leaves its file behind
         proc = self._start(
@@ -158,6 +161,7 @@ class Processes:
                 "--host",
                 "127.0.0.1",
             ],
+            env,
         )
         wait_until(self.scheduler_file.exists, "the scheduler file")
         return proc
@@ -289,6 +293,57 @@ def test_client_killed_mid_computation_a_new_client_reuses_checkpoints(
 
     again = procs.client(runs, gate, store, "client.compute")
     assert result_of(procs, again) == expected()
+    after = finished_labels(runs)
+    assert_mostly_not_executed_again(before, after)
+    assert set(after) == set(finished_labels_expected())
+
+
+class Successions:
+    """Stands for a job-queue cluster whose job restarts: the client follows it.
+
+    ``_await_scheduler`` is the hook :class:`runtime.client.Client` calls when its
+    scheduler goes away; a job-queue cluster waits there for its job's successor.
+    Here the successor is a new scheduler and workers, started on the spot.
+    """
+
+    def __init__(self, procs: Processes) -> None:
+        self.procs = procs
+        self.calls = 0
+        self.scheduler_info = read_scheduler_file(procs.scheduler_file)
+        self.scheduler_address = self.scheduler_info["address"]
+        self.secret = self.scheduler_info["secret"]
+
+    def _await_scheduler(self, previous: dict[str, Any], timeout: float | None) -> Any:
+        self.calls += 1
+        assert previous["address"] == self.scheduler_address
+        self.procs.scheduler()
+        self.procs.workers()
+        return read_scheduler_file(self.procs.scheduler_file)
+
+
+@pytest.mark.timeout(240)
+def test_drained_scheduler_the_client_waits_for_its_successor_and_gets_the_result(
+    procs: Processes, tmp_path: Path
+) -> None:
+    runs, gate, store = tmp_path / "runs", tmp_path / "gate", tmp_path / "store"
+    runs.mkdir()
+    scheduler = procs.scheduler(
+        {"HPC_JOB_DRAIN_SIGNAL": "USR2", "HPC_DISTRIBUTED__SCHEDULER__DRAIN_TIMEOUT": "0.2s"}
+    )
+    procs.workers()
+    cluster = Successions(procs)
+    with hpc.Client(cluster, set_as_default=False) as client:
+        future = client.compute(build(str(runs), str(gate)), checkpoint=store)
+        below = 2 * LEAVES - 1 - (2 ** (LEAVES.bit_length() - GATED_LEVEL) - 1)
+        wait_until(lambda: len(finished_labels(runs)) >= below, "the tasks below the gate")
+        scheduler.send_signal(signal.SIGUSR2)  # what SLURM sends ahead of the walltime
+        assert scheduler.wait(timeout=TIMEOUT) == 0, procs.output(scheduler)
+        log = procs.output(scheduler)
+        assert "draining (received SIGUSR2)" in log and "abandoning 2 running" in log
+        before = finished_labels(runs)
+        gate.touch()
+        assert future.result(timeout=TIMEOUT) == expected()
+        assert cluster.calls == 1
     after = finished_labels(runs)
     assert_mostly_not_executed_again(before, after)
     assert set(after) == set(finished_labels_expected())

@@ -1,0 +1,347 @@
+"""The batch job a runtime process runs in: when it must stop, and how it comes back.
+
+A cluster job that reaches its walltime is killed by the batch system. To lose
+nothing, the job's scheduler *drains* shortly before: it starts no more tasks, lets
+the running ones finish (their results are checkpointed by the workers, see
+:mod:`runtime.checkpoint`), closes, and then either requeues its own job or submits a
+replacement. The successor's scheduler writes the same scheduler file; clients that
+were told a restart is coming reconnect to it and send their graphs again, and every
+task that finished before is loaded from its checkpoint instead of computed.
+
+The job script written by :mod:`launchers` says what to do, in environment
+variables (every one optional; without them nothing here happens):
+
+``HPC_JOB_DRAIN_AT``
+    Epoch seconds at which to drain: the job's start plus its walltime minus the
+    ``launchers.job.drain-lead``.
+``HPC_JOB_DRAIN_SIGNAL``
+    A signal name (default ``USR2``) that starts the drain too: SLURM sends it ahead
+    of the time limit when the job asked for ``--signal=USR2@<lead>``.
+``HPC_JOB_RESTART``
+    ``requeue`` (``scontrol requeue`` / ``qrerun``: same job id, the batch system
+    starts it again), ``resubmit`` (``sbatch`` / ``qsub`` of ``HPC_JOB_SCRIPT``: a new
+    job id), or ``none``.
+``HPC_JOB_SCRIPT``, ``HPC_JOB_MAX_RESTARTS``
+    The script to resubmit, and how many restarts in a row are allowed (default 10).
+``HPC_JOB_RESTARTS``, ``HPC_JOB_RESTART_OF``
+    Set on a resubmitted job's command line: its restart count and the job it
+    replaces (written into the scheduler file as ``restarts`` and ``restart_of``, so
+    the login node can follow the chain of jobs).
+
+A job in which no task finished is not restarted: it would only loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from runtime.errors import HPCError
+
+__all__ = ["RESTART_POLICIES", "DrainGuard", "JobEnvironment", "successor_path"]
+
+logger = logging.getLogger(__name__)
+
+#: What a drained job does next.
+RESTART_POLICIES = ("requeue", "resubmit", "none")
+
+_DEFAULT_SIGNAL = "USR2"
+_DEFAULT_MAX_RESTARTS = 10
+# Signals a drain may not be tied to: hydra's lost-rank notice, and the uncatchable.
+_RESERVED_SIGNALS = frozenset({"USR1", "KILL", "STOP"})
+
+
+class JobEnvironmentError(HPCError, ValueError):
+    """A job variable (``HPC_JOB_*``) has a value that cannot be used."""
+
+
+def successor_path(scheduler_file: str | os.PathLike[str]) -> str:
+    """Where a drained job records the id of the job that takes over from it."""
+    return os.fspath(scheduler_file) + ".successor"
+
+
+def _signal(name: str) -> signal.Signals:
+    bare = name.strip().upper().removeprefix("SIG")
+    if bare in _RESERVED_SIGNALS:
+        raise JobEnvironmentError(
+            f"HPC_JOB_DRAIN_SIGNAL={name}: SIG{bare} cannot start a drain "
+            "(USR1 is the MPI launcher's, KILL and STOP cannot be caught); use USR2"
+        )
+    try:
+        return signal.Signals[f"SIG{bare}"]
+    except KeyError:
+        raise JobEnvironmentError(
+            f"HPC_JOB_DRAIN_SIGNAL={name} is not a signal name; write e.g. USR2"
+        ) from None
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise JobEnvironmentError(f"{name}={text!r} is not a whole number") from None
+    if value < 0:
+        raise JobEnvironmentError(f"{name}={value} must not be negative")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class JobEnvironment:
+    """What the job script asked for (see the module docstring), read from the environment."""
+
+    system: str | None = None
+    job_id: str | None = None
+    drain_at: float | None = None
+    drain_signal: signal.Signals | None = None
+    restart: str = "none"
+    script: str | None = None
+    max_restarts: int = _DEFAULT_MAX_RESTARTS
+    restarts: int = 0
+    restart_of: str | None = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> JobEnvironment:
+        """Read the ``HPC_JOB_*`` variables and the batch system's own job id.
+
+        Raises
+        ------
+        JobEnvironmentError
+            A variable is malformed (the message names it and the fix).
+        """
+        env = os.environ if environ is None else environ
+        if env.get("SLURM_JOB_ID"):
+            system, job_id = "slurm", env["SLURM_JOB_ID"]
+        elif env.get("PBS_JOBID"):
+            system, job_id = "pbs", env["PBS_JOBID"]
+        else:
+            system, job_id = None, None
+        drain_at = None
+        text = env.get("HPC_JOB_DRAIN_AT", "").strip()
+        if text:
+            try:
+                drain_at = float(text)
+            except ValueError:
+                raise JobEnvironmentError(
+                    f"HPC_JOB_DRAIN_AT={text!r} is not a time in epoch seconds"
+                ) from None
+        restart = env.get("HPC_JOB_RESTART", "none").strip().lower() or "none"
+        if restart not in RESTART_POLICIES:
+            raise JobEnvironmentError(
+                f"HPC_JOB_RESTART={restart!r} is not one of {', '.join(RESTART_POLICIES)}"
+            )
+        in_job = drain_at is not None or restart != "none"
+        sig_name = env.get("HPC_JOB_DRAIN_SIGNAL", "").strip()
+        drain_signal = _signal(sig_name or _DEFAULT_SIGNAL) if (sig_name or in_job) else None
+        restarts = _int(env, "HPC_JOB_RESTARTS", 0)
+        if system == "slurm":  # a requeued SLURM job counts its own restarts
+            restarts = max(restarts, _int(env, "SLURM_RESTART_COUNT", 0))
+        return cls(
+            system=system,
+            job_id=job_id,
+            drain_at=drain_at,
+            drain_signal=drain_signal,
+            restart=restart,
+            script=env.get("HPC_JOB_SCRIPT") or None,
+            max_restarts=_int(env, "HPC_JOB_MAX_RESTARTS", _DEFAULT_MAX_RESTARTS),
+            restarts=restarts,
+            restart_of=env.get("HPC_JOB_RESTART_OF") or None,
+        )
+
+    @property
+    def drains(self) -> bool:
+        """Whether this job drains before its end (a deadline or a drain signal is set)."""
+        return self.drain_at is not None or self.drain_signal is not None
+
+    def restart_refusal(self) -> str | None:
+        """Why this job would not restart after a drain; ``None`` if it would."""
+        if self.restart == "none":
+            return "HPC_JOB_RESTART is none (launchers.job.restart)"
+        if self.system is None or self.job_id is None:
+            return "not inside a SLURM or PBS job"
+        if self.restarts >= self.max_restarts:
+            return (
+                f"it restarted {self.restarts} times already (launchers.job.max-restarts "
+                f"is {self.max_restarts})"
+            )
+        if self.restart == "resubmit" and not self.script:
+            return "HPC_JOB_SCRIPT names no script to resubmit"
+        return None
+
+    def restart_command(self) -> list[str]:
+        """The command that requeues this job or submits its successor."""
+        assert self.job_id is not None
+        if self.restart == "requeue":
+            if self.system == "slurm":
+                return ["scontrol", "requeue", self.job_id]
+            return ["qrerun", self.job_id]
+        assert self.script is not None
+        count = self.restarts + 1
+        if self.system == "slurm":
+            env = f"ALL,HPC_JOB_RESTARTS={count},HPC_JOB_RESTART_OF={self.job_id}"
+            return ["sbatch", "--parsable", f"--export={env}", self.script]
+        variables = f"HPC_JOB_RESTARTS={count},HPC_JOB_RESTART_OF={self.job_id}"
+        return ["qsub", "-v", variables, self.script]
+
+    def restart_job(
+        self,
+        scheduler_file: str | os.PathLike[str] | None,
+        *,
+        run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+    ) -> str | None:
+        """Requeue this job or submit its successor; return the successor's job id.
+
+        The id is also written to :func:`successor_path` beside the scheduler file, so
+        the login node adopts the successor instead of submitting one itself. Returns
+        ``None`` (and logs why) when the job is not to restart or the command failed.
+        """
+        refusal = self.restart_refusal()
+        if refusal is not None:
+            logger.warning("job %s is not restarted: %s", self.job_id, refusal)
+            return None
+        command = self.restart_command()
+        marker = successor_path(scheduler_file) if scheduler_file is not None else None
+        if self.restart == "requeue" and marker is not None:
+            # The requeue ends this process at once: record the successor first.
+            _write_atomic(marker, str(self.job_id))
+        try:
+            done = run(command, capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            done = subprocess.CompletedProcess(command, 127, "", str(exc))
+        if done.returncode != 0:
+            if marker is not None and self.restart == "requeue":
+                with contextlib.suppress(OSError):
+                    os.unlink(marker)
+            logger.error(
+                "job %s could not %s itself: %s exited %d: %s",
+                self.job_id, self.restart, " ".join(command), done.returncode,
+                (done.stderr or done.stdout).strip(),
+            )  # fmt: skip
+            return None
+        if self.restart == "requeue":
+            successor = str(self.job_id)
+        else:
+            successor = done.stdout.strip().split(";")[0].split()[-1]
+            if marker is not None:
+                _write_atomic(marker, successor)
+        logger.warning(
+            "job %s %s: its successor is job %s", self.job_id,
+            "requeued" if self.restart == "requeue" else "resubmitted", successor,
+        )  # fmt: skip
+        return successor
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DrainGuard:
+    """Drain a scheduler at the job's deadline or drain signal, then restart the job.
+
+    Parameters
+    ----------
+    scheduler
+        A started :class:`runtime.scheduler.Scheduler`.
+    env
+        The job's environment; default read from ``os.environ``.
+    timeout
+        How long running tasks may finish; default
+        ``distributed.scheduler.drain-timeout``.
+    on_done
+        Called with the successor's job id (or ``None``) once the scheduler is closed.
+    """
+
+    def __init__(
+        self,
+        scheduler: Any,
+        env: JobEnvironment | None = None,
+        *,
+        timeout: float | None = None,
+        on_done: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.env = JobEnvironment.from_environ() if env is None else env
+        if timeout is None:
+            from runtime import config
+            from runtime.units import parse_timedelta
+
+            value = config.get("distributed.scheduler.drain-timeout", None)
+            timeout = parse_timedelta(value) if value is not None else None
+        self.timeout = timeout
+        self.on_done = on_done
+        self.successor: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Arm the deadline timer and the signal handler (call from the main thread)."""
+        env = self.env
+        if not env.drains:
+            return
+        self._loop = loop
+        if env.drain_at is not None:
+            delay = max(0.0, env.drain_at - time.time())
+            logger.info("job %s drains in %.0f s (HPC_JOB_DRAIN_AT)", env.job_id, delay)
+            loop.call_soon_threadsafe(self._arm_timer, delay)
+        if env.drain_signal is not None:
+            sig = env.drain_signal
+
+            def on_signal(signum: int, frame: Any) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: too late
+                    loop.call_soon_threadsafe(self.trigger, f"received SIG{sig.name[3:]}")
+
+            signal.signal(sig, on_signal)
+
+    async def finished(self) -> None:
+        """Wait for a drain that started (and the restart after it) to end."""
+        if self._task is not None:
+            await self._task
+
+    def _arm_timer(self, delay: float) -> None:
+        assert self._loop is not None
+        self._timer = self._loop.call_later(delay, self.trigger, "the job's walltime is near")
+
+    def trigger(self, reason: str) -> None:
+        """Start draining (once; later calls do nothing). Call on the scheduler's loop."""
+        if self._task is not None or self.scheduler.closed:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._task = asyncio.ensure_future(self._drain(reason))
+
+    async def _drain(self, reason: str) -> None:
+        env = self.env
+        refusal = env.restart_refusal()
+        summary = await self.scheduler.drain(
+            reason, timeout=self.timeout, restart=None if refusal else env.restart
+        )
+        if refusal is None and summary["finished"] == 0:
+            refusal = "no task finished in this job, so another would make no progress"
+        await self.scheduler.close(f"drained: {reason}")
+        successor = None
+        if refusal is None:
+            loop = asyncio.get_running_loop()
+            successor = await loop.run_in_executor(
+                None, env.restart_job, self.scheduler.scheduler_file
+            )
+        else:
+            logger.warning("job %s drained and is not restarted: %s", env.job_id, refusal)
+        self.successor = successor
+        if self.on_done is not None:
+            self.on_done(successor)

@@ -1,0 +1,177 @@
+"""The job environment: drain deadline, drain signal, and how a drained job restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime import jobenv
+from runtime.jobenv import DrainGuard, JobEnvironment, JobEnvironmentError, successor_path
+from runtime.scheduler import Scheduler
+
+SLURM = {"SLURM_JOB_ID": "77", "HPC_JOB_SCRIPT": "/home/a/job.sh"}
+
+
+def test_outside_a_job_nothing_drains_or_restarts() -> None:
+    env = JobEnvironment.from_environ({})
+    assert not env.drains and env.restart == "none" and env.job_id is None
+    assert env.restart_refusal() is not None
+
+
+def test_slurm_job_variables_are_read() -> None:
+    env = JobEnvironment.from_environ(
+        {
+            **SLURM,
+            "HPC_JOB_DRAIN_AT": "1700000000",
+            "HPC_JOB_RESTART": "resubmit",
+            "HPC_JOB_MAX_RESTARTS": "3",
+            "HPC_JOB_RESTARTS": "1",
+            "HPC_JOB_RESTART_OF": "76",
+        }
+    )
+    assert env.system == "slurm" and env.job_id == "77"
+    assert env.drain_at == 1700000000.0 and env.drain_signal is signal.SIGUSR2
+    assert (env.restarts, env.max_restarts, env.restart_of) == (1, 3, "76")
+    assert env.restart_refusal() is None
+    assert env.restart_command() == [
+        "sbatch",
+        "--parsable",
+        "--export=ALL,HPC_JOB_RESTARTS=2,HPC_JOB_RESTART_OF=77",
+        "/home/a/job.sh",
+    ]
+
+
+def test_requeued_slurm_job_counts_its_restarts_and_stops_at_the_limit() -> None:
+    env = JobEnvironment.from_environ(
+        {**SLURM, "HPC_JOB_RESTART": "requeue", "SLURM_RESTART_COUNT": "4"}
+    )
+    assert env.restarts == 4 and env.restart_command() == ["scontrol", "requeue", "77"]
+    capped = JobEnvironment.from_environ(
+        {
+            **SLURM,
+            "HPC_JOB_RESTART": "requeue",
+            "SLURM_RESTART_COUNT": "4",
+            "HPC_JOB_MAX_RESTARTS": "4",
+        }
+    )
+    refusal = capped.restart_refusal()
+    assert refusal is not None and "max-restarts" in refusal
+
+
+def test_pbs_commands() -> None:
+    base = {"PBS_JOBID": "12.server", "HPC_JOB_SCRIPT": "/s.sh"}
+    requeue = JobEnvironment.from_environ({**base, "HPC_JOB_RESTART": "requeue"})
+    assert requeue.restart_command() == ["qrerun", "12.server"]
+    resubmit = JobEnvironment.from_environ({**base, "HPC_JOB_RESTART": "resubmit"})
+    assert resubmit.restart_command() == [
+        "qsub",
+        "-v",
+        "HPC_JOB_RESTARTS=1,HPC_JOB_RESTART_OF=12.server",
+        "/s.sh",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"HPC_JOB_RESTART": "sometimes"}, "HPC_JOB_RESTART"),
+        ({"HPC_JOB_DRAIN_AT": "soon"}, "HPC_JOB_DRAIN_AT"),
+        ({"HPC_JOB_DRAIN_SIGNAL": "USR1"}, "USR1"),
+        ({"HPC_JOB_DRAIN_SIGNAL": "NOPE"}, "NOPE"),
+        ({"HPC_JOB_MAX_RESTARTS": "-1"}, "HPC_JOB_MAX_RESTARTS"),
+        ({"HPC_JOB_RESTARTS": "x"}, "HPC_JOB_RESTARTS"),
+    ],
+)
+def test_malformed_variables_are_named(variables: dict[str, str], named: str) -> None:
+    with pytest.raises(JobEnvironmentError, match=named):
+        JobEnvironment.from_environ({**SLURM, **variables})
+
+
+def test_resubmit_without_a_script_is_refused() -> None:
+    env = JobEnvironment.from_environ({"SLURM_JOB_ID": "5", "HPC_JOB_RESTART": "resubmit"})
+    refusal = env.restart_refusal()
+    assert refusal is not None and "HPC_JOB_SCRIPT" in refusal
+
+
+def _completed(code: int, out: str = "", err: str = "") -> Any:
+    def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        run.calls.append(command)  # type: ignore[attr-defined]
+        return subprocess.CompletedProcess(command, code, out, err)
+
+    run.calls = []  # type: ignore[attr-defined]
+    return run
+
+
+def test_resubmission_records_the_successor_beside_the_scheduler_file(tmp_path: Path) -> None:
+    env = JobEnvironment.from_environ({**SLURM, "HPC_JOB_RESTART": "resubmit"})
+    run = _completed(0, "78;cluster\n")
+    assert env.restart_job(tmp_path / "s.json", run=run) == "78"
+    assert Path(successor_path(tmp_path / "s.json")).read_text().strip() == "78"
+
+
+def test_failed_requeue_leaves_no_successor_record(tmp_path: Path) -> None:
+    env = JobEnvironment.from_environ({**SLURM, "HPC_JOB_RESTART": "requeue"})
+    run = _completed(1, err="Requested operation is presently disabled")
+    assert env.restart_job(tmp_path / "s.json", run=run) is None
+    assert run.calls == [["scontrol", "requeue", "77"]]
+    assert not Path(successor_path(tmp_path / "s.json")).exists()
+
+
+def test_a_missing_batch_command_is_a_logged_refusal(tmp_path: Path) -> None:
+    env = JobEnvironment.from_environ({**SLURM, "HPC_JOB_RESTART": "resubmit"})
+
+    def missing(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        raise FileNotFoundError(command[0])
+
+    assert env.restart_job(tmp_path / "s.json", run=missing) is None
+
+
+def _serve_until_drained(env: JobEnvironment, poke: Any = None) -> tuple[list, Scheduler]:
+    done: list = []
+
+    async def scenario() -> Scheduler:
+        async with Scheduler(host="127.0.0.1") as s:
+            guard = DrainGuard(s, env, timeout=1.0, on_done=done.append)
+            guard.install(asyncio.get_running_loop())
+            if poke is not None:
+                poke()
+            await asyncio.wait_for(s.finished(), 30)
+            await guard.finished()
+            return s
+
+    return done, asyncio.run(scenario())
+
+
+def test_deadline_drains_and_closes_the_scheduler_without_a_restart() -> None:
+    env = JobEnvironment(drain_at=time.time(), restart="none")
+    done, s = _serve_until_drained(env)
+    assert done == [None] and s.closed and s.state.paused
+
+
+def test_drain_signal_drains_the_scheduler() -> None:
+    env = JobEnvironment(drain_signal=signal.SIGUSR2)
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        done, s = _serve_until_drained(env, lambda: os.kill(os.getpid(), signal.SIGUSR2))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert done == [None] and s.closed
+
+
+def test_a_job_that_made_no_progress_is_not_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = JobEnvironment(
+        system="slurm", job_id="9", drain_at=time.time(), restart="resubmit", script="/x.sh"
+    )
+    with caplog.at_level("WARNING", logger=jobenv.__name__):
+        done, _ = _serve_until_drained(env)
+    assert done == [None]
+    assert "no task finished" in caplog.text
