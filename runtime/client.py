@@ -690,6 +690,8 @@ class Client:
         self._replay_kept = 0
 
         self.scheduler_address, self._secret = self._resolve(address, scheduler_file, secret)
+        # A cluster may checkpoint every computation of its clients by default.
+        self._checkpoint_default: Any = getattr(self._cluster, "checkpoint", None)
         if self._successor is not None:
             self._replay = {}
         try:
@@ -2027,12 +2029,13 @@ class Client:
         checkpoint
             A directory every worker shares: reuse the task results checkpointed
             there, checkpoint the others (``runtime.checkpoint``). Default: the
-            ``checkpoint.directory`` config value; ``False``: none.
+            cluster's ``checkpoint`` (e.g. ``LocalCluster(checkpoint=DIR)``), else
+            the ``checkpoint.directory`` config value; ``False``: none.
         **kwargs
             Options of the local schedulers (e.g. ``num_workers``); ignored.
         """
         flat = list(dict.fromkeys(_flatten_keys(keys, [])))
-        target = _checkpoint_target(checkpoint)
+        target = _checkpoint_target(self._checkpoint_default if checkpoint is None else checkpoint)
         futures = self._submit_graph(
             dsk, flat, priority=priority, retries=retries, workers=workers, checkpoint=target
         )
@@ -2080,7 +2083,9 @@ class Client:
         out = list(items)
         if positions:
             colls = [items[i] for i in positions]
-            target = _checkpoint_target(checkpoint)
+            target = _checkpoint_target(
+                self._checkpoint_default if checkpoint is None else checkpoint
+            )
             dsk, key_lists = self._collections_graph(colls, optimize_graph, target is None)
             finals = []
             for c, keys in zip(colls, key_lists, strict=True):
@@ -2126,7 +2131,9 @@ class Client:
         out = list(items)
         if positions:
             colls = [items[i] for i in positions]
-            target = _checkpoint_target(checkpoint)
+            target = _checkpoint_target(
+                self._checkpoint_default if checkpoint is None else checkpoint
+            )
             dsk, key_lists = self._collections_graph(colls, optimize_graph, target is None)
             flat = list(dict.fromkeys(_flatten_keys(key_lists, [])))
             futures = self._submit_graph(

@@ -225,6 +225,9 @@ class LocalCluster:
         Per-worker memory limit (see :func:`runtime.worker.parse_memory_limit`).
     timeout
         Seconds to wait for the scheduler and every worker to start.
+    checkpoint
+        A directory: every computation of a client of this cluster is checkpointed
+        there unless it says otherwise (``checkpoint=False`` or another directory).
 
     Examples
     --------
@@ -246,7 +249,10 @@ class LocalCluster:
         *,
         memory_limit: int | float | str | None = "auto",
         timeout: float = _START_TIMEOUT,
+        checkpoint: str | os.PathLike[str] | None = None,
     ) -> None:
+        #: Default ``checkpoint=`` of the computations of this cluster's clients.
+        self.checkpoint = os.fspath(checkpoint) if checkpoint is not None else None
         self.n_workers, self.threads_per_worker = _default_shape(
             n_workers, threads_per_worker, processes, _cores()
         )

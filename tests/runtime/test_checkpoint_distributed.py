@@ -435,3 +435,20 @@ def test_explicit_checkpoint_on_a_cluster_cuts_the_lineage(client: Any, tmp_path
     assert hpc.checkpoint(build(str(runs), "", leaves=8), store).key == x.key
     assert len(finished_labels(runs)) == 15
     assert len(CheckpointStore(store).list()) == 1
+
+
+def test_cluster_checkpoint_directory_is_the_default_of_its_clients(tmp_path: Path) -> None:
+    runs, store = tmp_path / "runs", tmp_path / "store"
+    runs.mkdir()
+    with (
+        hpc.LocalCluster(n_workers=1, threads_per_worker=2, checkpoint=store) as cluster,
+        hpc.Client(cluster, set_as_default=False) as c,
+    ):
+        assert c.compute(build(str(runs), ""), sync=True) == expected()
+        written = len(CheckpointStore(store).list())
+        assert written == len(finished_labels_expected())
+        # Run again: everything loads; and checkpoint=False opts out.
+        assert c.compute(build(str(runs), ""), sync=True) == expected()
+        assert len(finished_labels(runs)) == written
+        assert c.compute(build(str(runs), ""), sync=True, checkpoint=False) == expected()
+        assert len(finished_labels(runs)) == 2 * written
