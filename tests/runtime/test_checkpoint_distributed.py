@@ -279,7 +279,7 @@ def test_scheduler_killed_mid_graph_resumes_from_checkpoints(
 
 
 @pytest.mark.timeout(240)
-def test_client_killed_mid_computation_a_new_client_reuses_checkpoints(
+def test_client_killed_mid_computation_the_work_goes_on_and_a_new_client_gets_it(
     procs: Processes, tmp_path: Path
 ) -> None:
     procs.scheduler()
@@ -288,14 +288,16 @@ def test_client_killed_mid_computation_a_new_client_reuses_checkpoints(
 
     client.send_signal(signal.SIGKILL)
     client.wait(timeout=10)
-    before = finished_labels(runs)
     gate.touch()
+    # The cluster goes on for the client's grace period (client-grace, 60 s): the
+    # whole graph finishes with no client connected.
+    total = len(finished_labels_expected())
+    wait_until(lambda: len(finished_labels(runs)) >= total, "the work to finish without a client")
 
     again = procs.client(runs, gate, store, "client.compute")
     assert result_of(procs, again) == expected()
     after = finished_labels(runs)
-    assert_mostly_not_executed_again(before, after)
-    assert set(after) == set(finished_labels_expected())
+    assert sorted(after) == sorted(finished_labels_expected())  # each task ran once
 
 
 class Successions:
