@@ -59,6 +59,15 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--account", help="account to charge")
     parser.add_argument("--memory", help="memory per node, e.g. 64GiB")
     parser.add_argument("--scheduler-file", help="where the cluster job writes its rendezvous")
+    parser.add_argument(
+        "--restart",
+        choices=["none", "requeue", "resubmit"],
+        help="after draining before its walltime the job requeues itself, submits a "
+        "successor, or ends (the default); a batch script then runs again and resumes "
+        "from its checkpoints",
+    )
+    parser.add_argument("--drain-lead", help="drain this long before the walltime, e.g. 5min")
+    parser.add_argument("--max-restarts", type=int, help="most restarts of one job")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- python script.py [args]")
 
 
@@ -76,6 +85,9 @@ def _cluster(args: argparse.Namespace) -> Any:
             "account",
             "memory",
             "scheduler_file",
+            "restart",
+            "drain_lead",
+            "max_restarts",
         )
         if getattr(args, name, None) is not None
     }

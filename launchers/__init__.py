@@ -35,7 +35,13 @@ from launchers._settings import (
     resolve_settings,
 )
 from launchers._slurm import SLURM_STATES, SlurmSystem
-from launchers._spec import JobSpec, MPIImplementation, format_walltime, parse_walltime
+from launchers._spec import (
+    JobSpec,
+    MPIImplementation,
+    RestartMode,
+    format_walltime,
+    parse_walltime,
+)
 from launchers._states import JobKind, JobState, JobStatus
 from launchers._system import JobSystem, SubmittedJob
 
@@ -62,6 +68,7 @@ __all__ = [
     "PBSCluster",
     "PBSSystem",
     "PBS_STATES",
+    "RestartMode",
     "Retry",
     "SLURM_STATES",
     "SYSTEMS",

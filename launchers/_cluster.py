@@ -12,9 +12,23 @@
     cluster.adapt(...)                      (join through the scheduler file)
     cluster.close() --scancel-->          every job this cluster started
 
-State: the jobs this cluster submitted (id, kind, script, log) and which of them it
-cancelled; the scheduler file's contents once read; the adaptive controller and its
-thread when adapting. Job states come from one shared :class:`JobStatusPoller`, so
+Near its walltime the cluster job drains and, with ``restart="requeue"`` or
+``"resubmit"``, comes back (see :class:`~launchers.RestartMode`). A Client that lost
+the scheduler then calls :meth:`JobQueueCluster._await_scheduler`, which follows the
+cluster job to its successor::
+
+    cluster job 101 (draining)  --sbatch script-->  job 102   (resubmit; the runtime
+      writes <scheduler file>.successor = "102", then ends; 102's scheduler writes
+      the scheduler file with job_id 102, restart_of 101)
+    cluster job 101 (draining)  --scontrol requeue-->  job 101 again (requeue; the
+      new scheduler file has job_id 101 and another address, pid, start time)
+    cluster job 101 ended TIMEOUT / PREEMPTED / NODE_FAIL, nothing in its place
+      --sbatch, from here-->  job 103 (restart_of 101)
+
+State: the jobs this cluster submitted or followed (id, kind, script, log) and which
+of them it cancelled; which one is the cluster job now, and how often it restarted;
+the scheduler file's contents once read; the adaptive controller and its thread when
+adapting. Job states come from one shared :class:`JobStatusPoller`, so
 however many callers ask, the batch system sees one batched query per interval. A
 lock serialises scaling decisions between the caller and the adapt thread.
 
@@ -31,6 +45,7 @@ import enum
 import logging
 import math
 import os
+import re
 import threading
 import time
 import weakref
@@ -44,7 +59,7 @@ from launchers._errors import ClusterStartError, JobConfigError, JobQueueError
 from launchers._load import SchedulerLoad
 from launchers._poller import JobStatusPoller
 from launchers._settings import LauncherSettings, resolve_settings
-from launchers._spec import JobSpec
+from launchers._spec import JobSpec, RestartMode
 from launchers._states import JobKind, JobState, JobStatus
 from launchers._system import JobSystem, SubmittedJob, new_token, same_job
 from runtime import rendezvous
@@ -58,7 +73,10 @@ logger = logging.getLogger("launchers.cluster")
 # How often start() looks for the scheduler file. Job states are polled at the
 # poller's own (slower) rate.
 _FILE_POLL_INTERVAL = 0.25
+# How often _await_scheduler looks for a successor's scheduler file.
+_SUCCESSOR_POLL_INTERVAL = 0.5
 _LOG_TAIL_LINES = 20
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.\-\[\]@]+$")
 
 
 class ClusterStatus(enum.Enum):
@@ -120,6 +138,10 @@ class JobQueueCluster:
         the settings.
     clock, sleep
         Time source and sleep for waiting and polling (tests pass fakes).
+    checkpoint
+        A directory on the shared filesystem: the computations of this cluster's
+        clients are checkpointed there unless they say otherwise - what lets a job
+        that drained before its walltime resume in its successor.
     **settings
         Job settings and options; see :func:`launchers.resolve_settings`. Unknown ones
         are errors that list the valid ones. ``working_directory`` defaults to the
@@ -143,12 +165,15 @@ class JobQueueCluster:
         system: JobSystem | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        checkpoint: str | os.PathLike[str] | None = None,
         **settings: Any,
     ) -> None:
         resolved = resolve_settings(
             system=self.system_name, profile=profile, config=config, **settings
         )
         self.settings: LauncherSettings = resolved
+        #: Default ``checkpoint=`` of the computations of this cluster's clients.
+        self.checkpoint = os.path.abspath(checkpoint) if checkpoint is not None else None
         spec = resolved.job
         if spec.working_directory is None:
             spec.working_directory = os.getcwd()
@@ -176,6 +201,8 @@ class JobQueueCluster:
         self._jobs: dict[str, SubmittedJob] = {}
         self._cancelled: set[str] = set()
         self._cluster_job: SubmittedJob | None = None
+        #: Times the cluster job was requeued or replaced, as far as we know.
+        self._restarts = 0
         self._info: dict[str, Any] | None = None
         self._status = ClusterStatus.CREATED
         self._adaptive: Adaptive | None = None
@@ -247,20 +274,27 @@ class JobQueueCluster:
             self._wait_for_scheduler(job, self.start_timeout if timeout is None else timeout)
         return self
 
+    @property
+    def _successor_file(self) -> str:
+        # The runtime of a cluster job that submitted its own replacement writes the
+        # new job's id here before it ends.
+        return f"{self._scheduler_file}.successor"
+
     def _remove_stale_scheduler_file(self) -> None:
         # A file left by an earlier cluster at this path would send workers and clients
-        # to a scheduler that is gone.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._scheduler_file)
-            logger.info("removed stale scheduler file %s", self._scheduler_file)
+        # to a scheduler that is gone, or the cluster to a job that is not its own.
+        for path in (self._scheduler_file, self._successor_file):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                logger.info("removed stale %s", path)
 
     def _wait_for_scheduler(self, job: SubmittedJob, timeout: float | None) -> None:
         deadline = math.inf if timeout is None else self._clock() + timeout
         while True:
-            info = self._read_scheduler_file(job)
+            info = self._read_scheduler_file()
             if info is not None:
                 with self._lock:
-                    self._info = info
+                    self._adopt(info)
                     if self._status is ClusterStatus.STARTING:
                         self._status = ClusterStatus.RUNNING
                 return
@@ -292,15 +326,235 @@ class JobQueueCluster:
                 )
             self._sleep(min(_FILE_POLL_INTERVAL, remaining))
 
-    def _read_scheduler_file(self, job: SubmittedJob) -> dict[str, Any] | None:
-        if not os.path.exists(self._scheduler_file):
+    def _read_scheduler_file(self) -> dict[str, Any] | None:
+        """The scheduler file's contents, if its scheduler belongs to this cluster.
+
+        It does when it runs in the cluster job, in no batch job at all (local runs),
+        or in a successor of one of our cluster jobs (``restart_of``).
+        """
+        try:
+            info = rendezvous.read_scheduler_file(self._scheduler_file)
+        except SchedulerError:
+            if os.path.exists(self._scheduler_file):
+                raise  # unreadable, not absent: say so
             return None
-        info = rendezvous.read_scheduler_file(self._scheduler_file)
         written_by = info.get("job_id")
-        if written_by and not same_job(str(written_by), job.job_id):
-            logger.debug("ignoring %s: written by job %s", self._scheduler_file, written_by)
-            return None
-        return info
+        if not written_by:
+            return info
+        restart_of = info.get("restart_of")
+        with self._lock:
+            current = self._cluster_job
+            if current is not None and same_job(str(written_by), current.job_id):
+                return info
+            if restart_of and any(
+                same_job(str(restart_of), job.job_id)
+                for job in self._jobs.values()
+                if job.kind is JobKind.CLUSTER
+            ):
+                return info
+        logger.debug("ignoring %s: written by job %s", self._scheduler_file, written_by)
+        return None
+
+    def _adopt(self, info: dict[str, Any]) -> None:
+        """Take ``info`` as the scheduler's; the job it names becomes the cluster job.
+
+        Call with the lock held.
+        """
+        written_by = info.get("job_id")
+        current = self._cluster_job
+        if written_by and current is not None and not same_job(str(written_by), current.job_id):
+            self._cluster_job = self._follow(str(written_by), current)
+        restarts = info.get("restarts")
+        if isinstance(restarts, int) and not isinstance(restarts, bool):
+            self._restarts = max(self._restarts, restarts)
+        self._info = info
+
+    def _follow(self, job_id: str, predecessor: SubmittedJob) -> SubmittedJob:
+        """Track a job that another process submitted to replace ``predecessor``.
+
+        It runs the predecessor's script (the runtime resubmits ``HPC_JOB_SCRIPT``),
+        so its output goes where that script says. Call with the lock held.
+        """
+        for known in self._jobs.values():
+            if same_job(known.job_id, job_id):
+                return known
+        job = SubmittedJob(
+            job_id,
+            JobKind.CLUSTER,
+            predecessor.script_path,
+            self.system.log_path(predecessor.output, job_id),
+            predecessor.output,
+        )
+        self._track(job)
+        logger.info("following cluster job %s, which replaced job %s", job_id, predecessor.job_id)
+        return job
+
+    def _await_scheduler(
+        self, previous: Mapping[str, Any], timeout: float | None
+    ) -> dict[str, Any] | None:
+        """Wait for the scheduler that replaces the one at ``previous["address"]``.
+
+        The scheduler described by ``previous`` (the scheduler file's contents, as
+        :attr:`scheduler_info` gave them) is gone. Follow the cluster job to its
+        successor and return the successor's scheduler file, adopted: it becomes
+        :attr:`scheduler_info`, its job the :attr:`cluster_job`, tracked and cancelled
+        by :meth:`close` like the first.
+
+        A scheduler file is the successor's when it differs from ``previous``
+        (``address``, ``started`` or ``pid``) and was written by the cluster job (a
+        requeued job keeps its id) or by a job that replaced one of ours
+        (``restart_of``). With ``restart="none"`` only a successor already there is
+        taken; otherwise, while waiting, the cluster job's state is polled (at the
+        poller's rate) and the file looked at every half second:
+
+        - the runtime of a job that resubmitted itself names the new job in
+          ``<scheduler file>.successor``: that job becomes the cluster job;
+        - a job that ended ``TIMEOUT``, ``PREEMPTED`` or ``NODE_FAIL`` with no
+          successor in sight after two poll intervals (SLURM or PBS may requeue it
+          meanwhile) is replaced from here: the same cluster job is submitted again,
+          counting towards ``max_restarts``;
+        - a job that ended otherwise (``COMPLETED``, ``FAILED``, ``CANCELLED``, ...)
+          with no successor in sight after two poll intervals has none coming.
+
+        Called by a Client's helper thread; safe beside the caller's and the adapt
+        thread's use of the cluster.
+
+        Parameters
+        ----------
+        previous
+            The scheduler file's contents when the scheduler was last reachable.
+        timeout
+            Seconds to wait, queue time of a successor included; ``None``: no limit.
+
+        Returns
+        -------
+        dict or None
+            The successor's scheduler file (as :func:`runtime.rendezvous.read_scheduler_file`
+            returns it), or ``None`` when no successor is coming: ``restart`` is
+            ``"none"`` (returned at once), the job ended in a state a restart would not mend,
+            ``max_restarts`` was reached, the cluster was closed - or ``timeout`` passed.
+
+        Raises
+        ------
+        JobQueueError
+            The replacement job could not be submitted, or status queries fail in a
+            way retrying will not fix.
+        SchedulerError
+            The scheduler file exists but cannot be read (bad permissions, not a
+            scheduler file).
+        """
+        deadline = math.inf if timeout is None else self._clock() + timeout
+        ended_at: float | None = None  # when the cluster job was first seen ended
+        while True:
+            with self._lock:
+                job = self._cluster_job
+                if self._status is ClusterStatus.CLOSED or job is None:
+                    return None
+            status = self.poller.poll().get(job.job_id)
+            # The files after the state: what the job wrote before it ended is there.
+            info = self._read_scheduler_file()
+            if info is not None and any(
+                info.get(key) != previous.get(key) for key in ("address", "started", "pid")
+            ):
+                with self._lock:
+                    if self._status is ClusterStatus.CLOSED:
+                        return None
+                    self._adopt(info)
+                    job_id = self._cluster_job.job_id if self._cluster_job else None
+                logger.info("cluster job %s has a new scheduler at %s", job_id, info["address"])
+                return info
+            if self.spec.restart is RestartMode.NONE:
+                logger.info("cluster job %s is not restarted: restart is 'none'", job.job_id)
+                return None
+            if self._follow_announced_successor(job):
+                ended_at = None
+                continue
+            if status is None or not (
+                status.state.is_terminal or self.poller.is_settled(job.job_id)
+            ):
+                ended_at = None  # queued, running or draining: a successor may come
+            else:
+                if self.spec.restart is RestartMode.REQUEUE:
+                    self.poller.unsettle(job.job_id)  # it may come back under its id
+                now = self._clock()
+                ended_at = now if ended_at is None else ended_at
+                if now - ended_at >= self._settle_time():
+                    if not status.state.is_interrupted:
+                        logger.info(
+                            "cluster job %s ended (%s) and nothing replaced it",
+                            job.job_id,
+                            _describe(status),
+                        )
+                        return None
+                    if self._replace(job, status, previous) is None:
+                        return None
+                    ended_at = None
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return None
+            self._sleep(min(_SUCCESSOR_POLL_INTERVAL, remaining))
+
+    def _settle_time(self) -> float:
+        """How long an ended cluster job is given to show a successor (two poll intervals)."""
+        return 2 * max(self.poller.interval, _SUCCESSOR_POLL_INTERVAL)
+
+    def _follow_announced_successor(self, job: SubmittedJob) -> bool:
+        """Follow the job named in the successor file, if it is news; whether it was."""
+        try:
+            text = Path(self._successor_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return False
+        if not _JOB_ID.match(text):
+            return False  # empty, or not a job id
+        with self._lock:
+            if self._status is ClusterStatus.CLOSED or self._cluster_job is not job:
+                return False
+            if any(same_job(text, known) for known in self._jobs):
+                return False  # one we follow already, or followed before
+            self._cluster_job = self._follow(text, job)
+            self._restarts += 1
+        return True
+
+    def _replace(
+        self, job: SubmittedJob, status: JobStatus, previous: Mapping[str, Any]
+    ) -> SubmittedJob | None:
+        """Submit the cluster job again in place of ``job``; ``None`` if it may not be."""
+        with self._lock:
+            if self._status is ClusterStatus.CLOSED:
+                return None
+            if self._cluster_job is not job:
+                return self._cluster_job  # another caller followed or replaced it already
+            restarts = self._restarts + 1
+            if restarts > self.spec.max_restarts:
+                logger.warning(
+                    "cluster job %s ended (%s); not submitting it again: it was restarted "
+                    "%d times, max_restarts is %d",
+                    job.job_id,
+                    _describe(status),
+                    self._restarts,
+                    self.spec.max_restarts,
+                )
+                return None
+            address = previous.get("address")
+            if address:  # do not send workers to the scheduler that is gone
+                with contextlib.suppress(SchedulerError, OSError):
+                    rendezvous.remove_scheduler_file(self._scheduler_file, str(address))
+            replacement = self._submit(
+                JobKind.CLUSTER,
+                variables={"HPC_JOB_RESTARTS": str(restarts), "HPC_JOB_RESTART_OF": job.job_id},
+            )
+            self._cluster_job = replacement
+            self._restarts = restarts
+        logger.warning(
+            "cluster job %s ended (%s) and nothing replaced it; submitted cluster job %s "
+            "in its place (restart %d of at most %d)",
+            job.job_id,
+            _describe(status),
+            replacement.job_id,
+            restarts,
+            self.spec.max_restarts,
+        )
+        return replacement
 
     def close(self) -> None:
         """Stop adapting and cancel every job this cluster started. Idempotent.
@@ -452,13 +706,19 @@ class JobQueueCluster:
         statuses = self.poller.statuses()
         return [j for j in self._jobs if self._is_live(j, statuses.get(j))]
 
-    def _submit(self, kind: JobKind) -> SubmittedJob:
-        job = self.system.submit_job(self.spec, kind, scheduler_file=self._scheduler_file)
+    def _submit(self, kind: JobKind, variables: Mapping[str, str] | None = None) -> SubmittedJob:
+        job = self.system.submit_job(
+            self.spec, kind, scheduler_file=self._scheduler_file, variables=variables
+        )
+        self._track(job)
+        logger.info("submitted %s job %s (%s)", kind.value, job.job_id, job.script_path)
+        return job
+
+    def _track(self, job: SubmittedJob) -> None:
+        """Count ``job`` as this cluster's: its state followed, cancelled at the end."""
         self._jobs[job.job_id] = job
         self._live_ids.append(job.job_id)
         self.poller.track(job.job_id)
-        logger.info("submitted %s job %s (%s)", kind.value, job.job_id, job.script_path)
-        return job
 
     def _cancel(self, ids: Sequence[str]) -> None:
         ids = [j for j in ids if j not in self._cancelled]

@@ -3,7 +3,8 @@
 For laptops and CI: the cluster job's ``mpiexec -n N python -m runtime.mpi ...`` runs as
 a child process in its own session (so cancelling it signals every rank), its output
 going to the log file. Walltime, queue and other directives have no meaning here and
-are not written.
+are not written; nor are the drain and restart variables (nothing ends a local job at
+its walltime, and there is no queue to come back through).
 
 State: the :class:`subprocess.Popen` of every job this object started, by job id
 (the process id), so that it can report exit codes and cancel what it started -
@@ -18,11 +19,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from launchers._spec import JobSpec
 from launchers._states import JobState, JobStatus
-from launchers._system import JobSystem, file_stem
+from launchers._system import JobSystem, check_variables, file_stem
 
 __all__ = ["LocalSystem"]
 
@@ -58,30 +59,45 @@ class LocalSystem(JobSystem):
             return None
         return os.path.join(spec.log_directory, f"{file_stem(spec.name)}-{token}.log")
 
+    def job_environment(self, spec: JobSpec, *, script_path: str | None) -> list[str]:
+        """None: a local job neither drains before a walltime nor restarts."""
+        return []
+
     def submit_command(
-        self, script_path: str, *, output: str | None
+        self,
+        script_path: str,
+        *,
+        output: str | None,
+        variables: Mapping[str, str] | None = None,
     ) -> tuple[list[str], str | None]:
-        """``bash SCRIPT``."""
+        """``bash SCRIPT`` (``variables`` go into the process's environment instead)."""
         return ["bash", script_path], None
 
     def parse_job_id(self, stdout: str) -> str:
         """Not used: the job id is the process id."""
         raise ValueError("local jobs have no submit output")
 
-    def submit(self, script_path: str, *, output: str | None = None) -> str:
+    def submit(
+        self,
+        script_path: str,
+        *,
+        output: str | None = None,
+        variables: Mapping[str, str] | None = None,
+    ) -> str:
         """Start the script in a new session; return its process id as the job id."""
         argv, cwd = self.submit_command(script_path, output=output)
+        env = {**os.environ, **check_variables(variables)} if variables else None
         with contextlib.ExitStack() as stack:
             if output:
                 os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
                 out = stack.enter_context(open(output, "ab"))
                 proc = subprocess.Popen(
-                    argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                    argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                     stderr=subprocess.STDOUT, start_new_session=True,
                 )  # fmt: skip
             else:
                 proc = subprocess.Popen(
-                    argv, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True
+                    argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, start_new_session=True
                 )
         job_id = str(proc.pid)
         with self._lock:

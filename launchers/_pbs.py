@@ -13,6 +13,9 @@ asked for:
 
 PBS reads ``mb`` as MiB: memory is written in MiB rounded down, as for SLURM.
 
+``restart="requeue"`` adds ``#PBS -r y`` (the job may be rerun, by ``qrerun`` or after
+a node failure).
+
 PBS has no job-id pattern for output files, so each submission gets its own
 ``<log_directory>/<name>-<kind>-<token>.log``. It is given both as a directive and
 on the ``qsub`` command line: SLURM's Torque-compatible ``qsub`` ignores ``#PBS -o``
@@ -26,16 +29,17 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 from launchers._commands import CommandResult
 from launchers._errors import JobConfigError
 from launchers._render import directive
-from launchers._spec import JobSpec, format_walltime, memory_mib
+from launchers._spec import JobSpec, RestartMode, format_walltime, memory_mib
 from launchers._states import JobState, JobStatus
 from launchers._system import (
     JobSystem,
+    check_variables,
     chunks,
     directive_words,
     file_stem,
@@ -43,7 +47,7 @@ from launchers._system import (
     translate,
 )
 
-__all__ = ["PBS_STATES", "PBSDialect", "PBSSystem", "parse_qstat_full"]
+__all__ = ["PBSPRO_EXIT_STATES", "PBS_STATES", "PBSDialect", "PBSSystem", "parse_qstat_full"]
 
 PBSDialect = Literal["pbspro", "torque"]
 
@@ -69,6 +73,17 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_.\-\[\]@]+$")
 _UNKNOWN_JOB = re.compile(r"Unknown Job Id|Job has finished|job.*not found|invalid job id", re.I)
 _WALLTIME_KILL = re.compile(r"walltime.*exceed", re.IGNORECASE)
 _MEMORY_KILL = re.compile(r"\bmem\w*.*exceed", re.IGNORECASE)
+_PREEMPTED = re.compile(r"preempt", re.IGNORECASE)
+
+#: PBS Pro's own (negative) exit statuses that say more than "failed" (PBS Professional
+#: Reference Guide, "Job Exit Codes"). Torque numbers its codes differently.
+PBSPRO_EXIT_STATES: dict[int, JobState] = {
+    -14: JobState.NODE_FAIL,  # JOB_EXEC_RERUN_ON_SIS_FAIL: lost a sister MoM
+    -20: JobState.NODE_FAIL,  # JOB_EXEC_RERUN_MS_FAIL: lost the primary execution host
+    -26: JobState.OUT_OF_MEMORY,  # JOB_EXEC_KILL_VMEM
+    -27: JobState.OUT_OF_MEMORY,  # JOB_EXEC_KILL_MEM
+    -29: JobState.TIMEOUT,  # JOB_EXEC_KILL_WALLTIME
+}
 
 
 def parse_qstat_full(stdout: str) -> dict[str, dict[str, str]]:
@@ -105,7 +120,9 @@ def parse_qstat_full(stdout: str) -> dict[str, dict[str, str]]:
     return jobs
 
 
-def _status_from_attributes(job_id: str, attrs: dict[str, str]) -> JobStatus:
+def _status_from_attributes(
+    job_id: str, attrs: dict[str, str], dialect: PBSDialect = "pbspro"
+) -> JobStatus:
     native = attrs.get("job_state", "").strip()
     state = translate(PBS_STATES, native)
     lowered = {k.lower(): v for k, v in attrs.items()}
@@ -123,10 +140,14 @@ def _status_from_attributes(job_id: str, attrs: dict[str, str]) -> JobStatus:
         if code > 256:  # PBS reports a job killed by signal S as 256 + S
             sig, code = code - 256, None
         text = comment or ""
-        if _WALLTIME_KILL.search(text):
+        if dialect == "pbspro" and code in PBSPRO_EXIT_STATES:
+            state = PBSPRO_EXIT_STATES[code]
+        elif _WALLTIME_KILL.search(text):
             state = JobState.TIMEOUT
         elif _MEMORY_KILL.search(text):
             state = JobState.OUT_OF_MEMORY
+        elif _PREEMPTED.search(text):
+            state = JobState.PREEMPTED
         reason = comment or (f"PBS exit status {code}" if code is not None and code < 0 else None)
     return JobStatus(job_id, state, native, reason, code, sig, source="qstat")
 
@@ -191,6 +212,8 @@ class PBSSystem(JobSystem):
             elif spec.memory:
                 per_process = memory_mib(spec.memory // spec.tasks_per_node)
                 lines.append(directive("#PBS", "-l", f"pmem={per_process}mb"))
+        if spec.restart is RestartMode.REQUEUE:
+            lines.append(directive("#PBS", "-r", "y"))
         if output:
             lines += [directive("#PBS", "-o", output), directive("#PBS", "-j", "oe")]
         lines += [
@@ -211,12 +234,23 @@ class PBSSystem(JobSystem):
     # --- commands ------------------------------------------------------------------
 
     def submit_command(
-        self, script_path: str, *, output: str | None
+        self,
+        script_path: str,
+        *,
+        output: str | None,
+        variables: Mapping[str, str] | None = None,
     ) -> tuple[list[str], str | None]:
-        """``qsub [-o LOG -j oe] SCRIPT``, run from the script's directory."""
+        """``qsub [-o LOG -j oe] [-V -v K=V,...] SCRIPT``, run from the script's directory.
+
+        ``-V`` goes with ``-v``: SLURM's Torque-compatible ``qsub`` turns ``-v`` alone
+        into ``sbatch --export=NONE,K=V``, a job without the submitter's environment.
+        """
         argv = ["qsub"]
         if output:
             argv += ["-o", output, "-j", "oe"]
+        if variables:
+            pairs = ",".join(f"{k}={v}" for k, v in check_variables(variables).items())
+            argv += ["-V", "-v", pairs]
         directory, name = os.path.split(os.path.abspath(script_path))
         return [*argv, name], directory
 
@@ -268,7 +302,7 @@ class PBSSystem(JobSystem):
             for job_id in chunk:
                 for reported, attrs in jobs.items():
                     if same_job(job_id, reported):
-                        found[job_id] = _status_from_attributes(job_id, attrs)
+                        found[job_id] = _status_from_attributes(job_id, attrs, self.dialect)
                         break
         return {j: found.get(j, JobStatus(j, JobState.UNKNOWN, source="none")) for j in ids}
 

@@ -96,6 +96,15 @@ class JobStatusPoller:
             self._seen.discard(job_id)
             self._unknown_runs.pop(job_id, None)
 
+    def unsettle(self, job_id: str) -> None:
+        """Ask about an ended job again: a requeued job comes back under the same id.
+
+        Its last status is kept until the system says otherwise.
+        """
+        with self._lock:
+            self._settled.discard(job_id)
+            self._unknown_runs.pop(job_id, None)
+
     def statuses(self) -> dict[str, JobStatus]:
         """The last known status of every tracked job, without asking the system."""
         with self._lock:

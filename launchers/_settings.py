@@ -294,8 +294,9 @@ def resolve_settings(
     Raises
     ------
     JobConfigError
-        Unknown keyword (the message lists the valid ones), a bad value, a missing
-        or invalid profile, or a profile for another job system.
+        Unknown keyword (the message lists the valid ones), a bad value, settings
+        that cannot work together (a ``drain_lead`` not shorter than the walltime), a
+        missing or invalid profile, or a profile for another job system.
     """
     section: dict[str, Any] = copy.deepcopy(
         dict(config if config is not None else runtime_config.get("launchers"))
@@ -337,5 +338,6 @@ def resolve_settings(
 
     spec = JobSpec(**{k: v for k, v in section["job"].items()})
     spec.update(job_values)
+    spec.check()
     section["system"] = chosen
     return LauncherSettings(chosen, spec, where, section)

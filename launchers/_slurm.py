@@ -14,13 +14,22 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from launchers._commands import CommandResult
+from launchers._errors import JobConfigError
 from launchers._render import directive
-from launchers._spec import JobSpec, format_walltime, memory_mib
+from launchers._spec import JobSpec, RestartMode, format_walltime, memory_mib
 from launchers._states import JobState, JobStatus
-from launchers._system import JobSystem, chunks, directive_words, file_stem, translate
+from launchers._system import (
+    JobSystem,
+    check_variables,
+    chunks,
+    directive_words,
+    file_stem,
+    translate,
+    uses_srun,
+)
 
 __all__ = ["SLURM_STATES", "SlurmSystem"]
 
@@ -63,6 +72,7 @@ _ALREADY_ENDED = re.compile(
     r"Invalid job id specified|already completing or completed|Job/step already", re.IGNORECASE
 )
 _SQUEUE_FORMAT = "%i|%T|%r"
+_MAX_SIGNAL_TIME = 65535  # sbatch --signal=SIG@TIME takes at most this many seconds
 
 
 def _exit_code(text: str) -> tuple[int | None, int | None]:
@@ -149,6 +159,13 @@ class SlurmSystem(JobSystem):
     the walltime as ``--time=[D-]HH:MM:SS``, output and errors together to
     ``<log_directory>/<name>-%j.log``.
 
+    With a walltime and ``srun`` as the MPI launcher, ``--signal=<drain_signal>@<drain_lead>``
+    has SLURM signal the ranks when they should drain (SLURM signals job *steps*: ranks
+    started by ``mpiexec`` run in the batch step and would not get it; they drain by
+    ``HPC_JOB_DRAIN_AT`` alone). ``restart="requeue"`` adds ``--requeue``, which also lets
+    SLURM requeue the job after a node failure or a preemption, and
+    ``--open-mode=append`` so that each run adds to the job's output file.
+
     Parameters
     ----------
     **options
@@ -185,6 +202,18 @@ class SlurmSystem(JobSystem):
             lines.append(
                 directive("#SBATCH", f"--time={format_walltime(spec.walltime, days=True)}")
             )
+        if self.signals_drain(spec):
+            spec.check()
+            if spec.drain_lead > _MAX_SIGNAL_TIME:
+                raise JobConfigError(
+                    f"drain_lead {spec.drain_lead} s is longer than the {_MAX_SIGNAL_TIME} s "
+                    "that sbatch --signal accepts; lower drain_lead"
+                )
+            lines.append(directive("#SBATCH", f"--signal={spec.drain_signal}@{spec.drain_lead}"))
+        if spec.restart is RestartMode.REQUEUE:
+            lines.append(directive("#SBATCH", "--requeue"))
+            # A requeued job writes the same output file: keep the earlier runs' logs.
+            lines.append(directive("#SBATCH", "--open-mode=append"))
         lines.append(directive("#SBATCH", f"--nodes={spec.nodes}"))
         lines.append(directive("#SBATCH", f"--ntasks-per-node={spec.tasks_per_node}"))
         lines.append(directive("#SBATCH", f"--cpus-per-task={spec.cores_per_task}"))
@@ -214,11 +243,27 @@ class SlurmSystem(JobSystem):
 
     # --- commands ------------------------------------------------------------------
 
+    def signals_drain(self, spec: JobSpec) -> bool:
+        """Whether SLURM is to signal the ranks ``drain_lead`` before the walltime.
+
+        Only ``srun``'s ranks get the signal (they form a job step), and only a
+        walltime has a "before".
+        """
+        return spec.drain_after is not None and uses_srun(spec)
+
     def submit_command(
-        self, script_path: str, *, output: str | None
+        self,
+        script_path: str,
+        *,
+        output: str | None,
+        variables: Mapping[str, str] | None = None,
     ) -> tuple[list[str], str | None]:
-        """``sbatch --parsable SCRIPT``, run in the current directory."""
-        return ["sbatch", "--parsable", script_path], None
+        """``sbatch --parsable [--export=ALL,K=V,...] SCRIPT``, run in the current directory."""
+        argv = ["sbatch", "--parsable"]
+        if variables:
+            pairs = ",".join(f"{k}={v}" for k, v in check_variables(variables).items())
+            argv.append(f"--export=ALL,{pairs}")
+        return [*argv, script_path], None
 
     def parse_job_id(self, stdout: str) -> str:
         """Read the id from ``Submitted batch job N`` or ``--parsable``'s ``N[;cluster]``.

@@ -18,6 +18,13 @@ PBS read ``M``/``mb`` as MiB (2**20 bytes), so scripts carry the value converted
 and rounded down: ``memory="4GB"`` becomes ``--mem=3814M``, ``memory="4GiB"`` becomes
 ``--mem=4096M``. We never ask for more than was given.
 
+Near the walltime a cluster job *drains*: from ``walltime - drain_lead`` on, its
+runtime starts no new tasks, lets the running ones finish and checkpoint, then ends -
+and, as ``restart`` says, comes back by requeueing itself (same job id) or submitting
+a replacement (a new id), at most ``max_restarts`` times. ``drain_signal`` starts the
+drain too; with an ``srun`` launcher SLURM sends it to the ranks ``drain_lead`` before
+the end.
+
 This module keeps no state beyond the specs themselves.
 """
 
@@ -29,6 +36,7 @@ import math
 import os
 import re
 import shlex
+import signal
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -37,8 +45,10 @@ from runtime.errors import ConfigError
 from runtime.units import parse_bytes, parse_timedelta
 
 __all__ = [
+    "JOB_VARIABLES",
     "JobSpec",
     "MPIImplementation",
+    "RestartMode",
     "format_walltime",
     "memory_mib",
     "parse_walltime",
@@ -48,6 +58,27 @@ _WALLTIME_CLOCK = re.compile(r"^(?:(\d+)-)?(\d+):([0-5]?\d):([0-5]?\d)$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LINE_BREAKS = re.compile(r"[\n\r\x00\x0b\x0c\x85\u2028\u2029]")
 
+#: Environment variables through which the launcher tells a job's runtime when to drain
+#: and how to come back, and where the field that sets each one is. Job scripts export
+#: the first five; whoever submits a restart passes the last two on its command line.
+#: ``env`` may not set any of them.
+JOB_VARIABLES: dict[str, str] = {
+    "HPC_JOB_DRAIN_AT": "walltime and drain_lead",
+    "HPC_JOB_DRAIN_SIGNAL": "drain_signal",
+    "HPC_JOB_RESTART": "restart",
+    "HPC_JOB_MAX_RESTARTS": "max_restarts",
+    "HPC_JOB_SCRIPT": "the path the script is written to",
+    "HPC_JOB_RESTARTS": "the restart count, passed on the command line of a restart",
+    "HPC_JOB_RESTART_OF": "the job replaced, passed on the command line of a restart",
+}
+
+# Signals a drain cannot use, and why.
+_UNUSABLE_SIGNALS = {
+    "USR1": "MPICH's mpiexec (hydra) uses SIGUSR1 itself",
+    "KILL": "SIGKILL cannot be caught",
+    "STOP": "SIGSTOP cannot be caught",
+}
+
 
 class MPIImplementation(enum.Enum):
     """Which MPI the launcher belongs to; it decides launcher-specific flags."""
@@ -55,6 +86,19 @@ class MPIImplementation(enum.Enum):
     MPICH = "mpich"
     OPENMPI = "openmpi"
     OTHER = "other"
+
+
+class RestartMode(enum.Enum):
+    """How a cluster job comes back after draining before its walltime."""
+
+    #: It does not: the job drains and ends.
+    NONE = "none"
+    #: The job requeues itself and runs again under the same job id (SLURM also
+    #: requeues it after a node failure or preemption). Needs a site that allows
+    #: requeueing (SLURM ``JobRequeue``, PBS rerunnable jobs).
+    REQUEUE = "requeue"
+    #: The job submits a copy of its script, which runs under a new job id.
+    RESUBMIT = "resubmit"
 
 
 def parse_walltime(value: object) -> int | None:
@@ -84,10 +128,15 @@ def parse_walltime(value: object) -> int | None:
     """
     if value is None:
         return None
+    return _seconds("walltime", value)
+
+
+def _seconds(name: str, value: object) -> int:
+    """A positive duration in whole seconds, rounded up; the forms of :func:`parse_walltime`."""
     if isinstance(value, datetime.timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, bool):
-        raise JobConfigError(f"walltime {value!r} is not a duration; write e.g. '01:30:00'")
+        raise JobConfigError(f"{name} {value!r} is not a duration; write e.g. '01:30:00'")
     elif isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
@@ -98,7 +147,7 @@ def parse_walltime(value: object) -> int | None:
             seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
         elif ":" in text:
             raise JobConfigError(
-                f"walltime {value!r} is malformed; write 'HH:MM:SS' or 'D-HH:MM:SS' "
+                f"{name} {value!r} is malformed; write 'HH:MM:SS' or 'D-HH:MM:SS' "
                 "(two-part times are ambiguous between SLURM and PBS), or e.g. '90min'"
             )
         else:
@@ -106,14 +155,14 @@ def parse_walltime(value: object) -> int | None:
                 parsed = parse_timedelta(text)
             except ConfigError:
                 raise JobConfigError(
-                    f"walltime {value!r} is malformed; write 'HH:MM:SS', 'D-HH:MM:SS', "
+                    f"{name} {value!r} is malformed; write 'HH:MM:SS', 'D-HH:MM:SS', "
                     "a number of seconds, or a duration such as '90min' or '2h'"
                 ) from None
             seconds = float(parsed or 0.0)
     else:
-        raise JobConfigError(f"walltime {value!r} is not a duration; write e.g. '01:30:00'")
+        raise JobConfigError(f"{name} {value!r} is not a duration; write e.g. '01:30:00'")
     if not seconds > 0:
-        raise JobConfigError(f"walltime {value!r} must be positive")
+        raise JobConfigError(f"{name} {value!r} must be positive")
     return math.ceil(seconds)
 
 
@@ -223,6 +272,35 @@ def _walltime(name: str, value: object) -> int | None:
     return parse_walltime(value)
 
 
+def _duration(name: str, value: object) -> int:
+    return _seconds(name, value)
+
+
+def _restart(name: str, value: object) -> RestartMode:
+    if isinstance(value, RestartMode):
+        return value
+    if value is None:  # YAML's null
+        return RestartMode.NONE
+    try:
+        return RestartMode(str(value).strip().lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in RestartMode)
+        raise JobConfigError(f"{name} {value!r} is not one of: {choices}") from None
+
+
+def _drain_signal(name: str, value: object) -> str:
+    text = _name(name, value).strip().upper()
+    bare = text.removeprefix("SIG")
+    if f"SIG{bare}" not in signal.Signals.__members__:
+        raise JobConfigError(f"{name} {value!r} is not a signal name; write e.g. USR2, TERM or INT")
+    if bare in _UNUSABLE_SIGNALS:
+        raise JobConfigError(
+            f"{name} {bare} cannot be used: {_UNUSABLE_SIGNALS[bare]}; use USR2 (the "
+            "default), TERM, INT or HUP"
+        )
+    return bare
+
+
 def _memory(name: str, value: object) -> int | None:
     if value is None:
         return None
@@ -276,6 +354,11 @@ def _env(name: str, value: object) -> tuple[tuple[str, str], ...]:
                 f"{name}: {key!r} is not a valid environment variable name "
                 "(letters, digits and underscores, not starting with a digit)"
             )
+        if key in JOB_VARIABLES:
+            raise JobConfigError(
+                f"{name}: {key} is set by the launcher from {JOB_VARIABLES[key]}; "
+                "remove it from env (and set that instead)"
+            )
         if val is None or isinstance(val, (Mapping, list, tuple)):
             raise JobConfigError(f"{name}: value of {key} must be a string or number")
         out.append((key, str(val).lower() if isinstance(val, bool) else str(val)))
@@ -305,6 +388,22 @@ _FIELDS: dict[str, tuple[Callable[[str, Any], Any], Any, str]] = {
     "queue": (_optional_word, None, "partition (SLURM) or queue (PBS); None: the site default"),
     "account": (_optional_word, None, "account/project charged for the job"),
     "walltime": (_walltime, 3600, "time limit: 'HH:MM:SS', 'D-HH:MM:SS', seconds, or '90min'"),
+    "drain_lead": (
+        _duration,
+        120,
+        "how long before the walltime the runtime starts draining ('2min')",
+    ),
+    "drain_signal": (
+        _drain_signal,
+        "USR2",
+        "signal that starts the drain; SLURM sends it to srun's ranks drain_lead early",
+    ),
+    "restart": (
+        _restart,
+        RestartMode.NONE,
+        "none, requeue or resubmit: how a drained cluster job comes back",
+    ),
+    "max_restarts": (_count(0), 10, "most times a cluster job is restarted"),
     "nodes": (_count(1), 1, "number of nodes"),
     "tasks_per_node": (_count(1), 2, "MPI ranks per node"),
     "cores_per_task": (_count(1), 1, "cores for each rank (its worker's threads)"),
@@ -357,7 +456,8 @@ class JobSpec:
     ----------
     **values
         Any of the settings listed in :attr:`FIELDS` (``name``, ``queue``, ``account``,
-        ``walltime``, ``nodes``, ``tasks_per_node``, ``cores_per_task``, ``memory``,
+        ``walltime``, ``drain_lead``, ``drain_signal``, ``restart``, ``max_restarts``,
+        ``nodes``, ``tasks_per_node``, ``cores_per_task``, ``memory``,
         ``gpus_per_node``, ``log_directory``, ``extra_directives``, ``prologue``,
         ``env``, ``interface``, ``python``, ``working_directory``, ``mpi_launcher``,
         ``mpi_implementation``, ``mpi_args``, ``mpi_disable_auto_cleanup``,
@@ -389,6 +489,10 @@ class JobSpec:
     queue: str | None
     account: str | None
     walltime: int | None
+    drain_lead: int
+    drain_signal: str
+    restart: RestartMode
+    max_restarts: int
     nodes: int
     tasks_per_node: int
     cores_per_task: int
@@ -458,7 +562,7 @@ class JobSpec:
                 value = dict(value)
             elif isinstance(value, tuple):
                 value = list(value)
-            elif isinstance(value, MPIImplementation):
+            elif isinstance(value, enum.Enum):
                 value = value.value
             out[field] = value
         return out
@@ -467,6 +571,49 @@ class JobSpec:
     def total_tasks(self) -> int:
         """Number of MPI ranks the job starts: nodes times tasks per node."""
         return self.nodes * self.tasks_per_node
+
+    def check(self) -> None:
+        """Check the settings that limit each other; each alone was checked when set.
+
+        Called before a script is rendered and when a cluster is created, not on each
+        assignment: setting ``walltime`` and then ``drain_lead`` must not fail in
+        between.
+
+        Raises
+        ------
+        JobConfigError
+            A job that is to restart (``restart`` is not ``none``) has a ``drain_lead``
+            not shorter than its walltime. Without a restart such a job simply does
+            not drain (the default lead must not break short jobs).
+        """
+        if (
+            self.walltime is not None
+            and self.drain_lead >= self.walltime
+            and self.restart is not RestartMode.NONE
+        ):
+            raise JobConfigError(
+                f"drain_lead {format_walltime(self.drain_lead)} ({self.drain_lead} s) must be "
+                f"shorter than the walltime {format_walltime(self.walltime)} "
+                f"({self.walltime} s), or the job would drain as soon as it starts; lower "
+                "drain_lead (e.g. drain_lead='30s') or raise the walltime"
+            )
+
+    @property
+    def drain_after(self) -> int | None:
+        """Seconds from the job's start to when it drains; ``None`` when it does not.
+
+        It does not without a walltime, nor when ``drain_lead`` leaves no time to run
+        (allowed only with ``restart="none"``, see :meth:`check`).
+
+        Raises
+        ------
+        JobConfigError
+            See :meth:`check`.
+        """
+        self.check()
+        if self.walltime is None or self.drain_lead >= self.walltime:
+            return None
+        return self.walltime - self.drain_lead
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, JobSpec):

@@ -52,6 +52,15 @@ class JobState(enum.Enum):
         """Whether the job is queued or running."""
         return self in (JobState.PENDING, JobState.RUNNING)
 
+    @property
+    def is_interrupted(self) -> bool:
+        """Whether the job was stopped from outside before its work was done.
+
+        Its walltime ran out, a higher-priority job preempted it, or a node failed:
+        running it again may well succeed, unlike after ``FAILED`` or ``CANCELLED``.
+        """
+        return self in (JobState.TIMEOUT, JobState.PREEMPTED, JobState.NODE_FAIL)
+
 
 _TERMINAL = frozenset(
     {

@@ -11,6 +11,7 @@ Subclasses (:class:`~launchers._slurm.SlurmSystem`, :class:`~launchers._pbs.PBSS
 ``output_path()``      where the job's output goes, as the system spells it
 ``submit_command()``   ``sbatch ...``/``qsub ...``
 ``parse_job_id()``     the id in the submit command's output
+``job_environment()``  the ``HPC_JOB_*`` exports: when to drain, how to restart
 ``cancel()``           ``scancel``/``qdel``
 ``query()``            one batched status call (plus fallbacks) -> JobStatus
 ``transient_errors``   patterns of failures worth retrying
@@ -46,13 +47,14 @@ from launchers._render import (
     render_template,
     template_slots,
 )
-from launchers._spec import JobSpec, MPIImplementation, memory_mib
+from launchers._spec import JOB_VARIABLES, JobSpec, MPIImplementation, memory_mib
 from launchers._states import JobKind, JobState, JobStatus
 
 __all__ = ["JobSystem", "SubmittedJob", "new_token", "same_job"]
 
 _FILE_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _LINE_BREAKS = re.compile(r"[\n\r\x00\x0b\x0c\x85\u2028\u2029]")
+_PLAIN_WORD = re.compile(r"^[A-Za-z0-9_.@\[\]-]+$")
 
 
 def new_token() -> str:
@@ -86,12 +88,17 @@ class SubmittedJob:
     log_path
         Where its output goes, with the job id filled in; ``None`` when the system's
         default applies.
+    output
+        The output file as the script names it, the system's job-id pattern (SLURM's
+        ``%j``) included: where a restart of the same script writes is
+        ``system.log_path(output, new_job_id)``.
     """
 
     job_id: str
     kind: JobKind
     script_path: str
     log_path: str | None
+    output: str | None = None
 
 
 class JobSystem(abc.ABC):
@@ -143,9 +150,17 @@ class JobSystem(abc.ABC):
 
     @abc.abstractmethod
     def submit_command(
-        self, script_path: str, *, output: str | None
+        self,
+        script_path: str,
+        *,
+        output: str | None,
+        variables: Mapping[str, str] | None = None,
     ) -> tuple[list[str], str | None]:
-        """Return the submit command line and the directory to run it in (``None``: here)."""
+        """Return the submit command line and the directory to run it in (``None``: here).
+
+        ``variables`` are set in the job's environment on top of the submitter's
+        (``sbatch --export=ALL,K=V``, ``qsub -V -v K=V``); see :func:`check_variables`.
+        """
 
     @abc.abstractmethod
     def parse_job_id(self, stdout: str) -> str:
@@ -185,6 +200,36 @@ class JobSystem(abc.ABC):
     def default_workdir(self) -> str:
         """The script line that picks the working directory when the spec sets none."""
         return ""
+
+    def job_environment(self, spec: JobSpec, *, script_path: str | None) -> list[str]:
+        """Return the ``export`` lines that tell the job's runtime when to drain and restart.
+
+        With a walltime, ``HPC_JOB_DRAIN_AT`` is computed by the shell when the job
+        starts: the epoch second at which to drain, ``walltime - drain_lead`` after the
+        start (the numbers in it are ours, so it needs no quoting); and
+        ``HPC_JOB_DRAIN_SIGNAL`` names the signal that means "drain now" (SLURM sends
+        it to ``srun``'s ranks, see :class:`~launchers.SlurmSystem`; anyone may send it
+        by hand). Always, ``HPC_JOB_RESTART`` and ``HPC_JOB_MAX_RESTARTS`` are
+        the ``restart`` and ``max_restarts`` settings; ``HPC_JOB_SCRIPT`` is the
+        script's own path (omitted when unknown), which a resubmission submits again.
+        The restart count and the job replaced (``HPC_JOB_RESTARTS``,
+        ``HPC_JOB_RESTART_OF``) are left to the command line of a restart.
+
+        Raises
+        ------
+        JobConfigError
+            ``drain_lead`` is not shorter than the walltime.
+        """
+        lines = []
+        drain_after = spec.drain_after
+        if drain_after is not None:
+            lines.append(f"export HPC_JOB_DRAIN_AT=$(( $(date +%s) + {drain_after:d} ))")
+            lines.append(f"export HPC_JOB_DRAIN_SIGNAL={quote(spec.drain_signal)}")
+        lines.append(f"export HPC_JOB_RESTART={quote(spec.restart.value)}")
+        lines.append(f"export HPC_JOB_MAX_RESTARTS={spec.max_restarts:d}")
+        if script_path is not None:
+            lines.append(f"export HPC_JOB_SCRIPT={quote(script_path)}")
+        return lines
 
     # --- rendering -----------------------------------------------------------------
 
@@ -227,7 +272,7 @@ class JobSystem(abc.ABC):
         launcher = _beside_python(spec.mpi_launcher, python)
         argv = [launcher, "-n", str(ranks)]
         if spec.mpi_disable_auto_cleanup:
-            if os.path.basename(launcher) == "srun":
+            if uses_srun(spec):
                 argv.append("--kill-on-bad-exit=0")
             elif spec.mpi_implementation is MPIImplementation.MPICH:
                 argv.append("-disable-auto-cleanup")
@@ -256,6 +301,7 @@ class JobSystem(abc.ABC):
         script: str | None = None,
         script_args: Sequence[str] = (),
         token: str = "",
+        script_path: str | None = None,
     ) -> str:
         """Return the job script for ``spec``.
 
@@ -272,6 +318,16 @@ class JobSystem(abc.ABC):
         token
             Makes output file names unique where the system cannot name them after the
             job id (PBS); :func:`new_token` when submitting, a fixed string in tests.
+        script_path
+            Where the script will be written, exported to the job as
+            ``HPC_JOB_SCRIPT`` (a resubmission submits it again); ``None`` when it is
+            only shown, not submitted.
+
+        Raises
+        ------
+        JobConfigError
+            Settings that cannot work together (see :meth:`launch_command` and
+            :meth:`JobSpec.check <launchers.JobSpec.check>`).
         """
         command = self.launch_command(
             spec, kind, scheduler_file=scheduler_file, script=script, script_args=script_args
@@ -283,7 +339,12 @@ class JobSystem(abc.ABC):
         blocks = {
             "directives": "\n".join(self.directives(spec, output=self.output_path(spec, token))),
             "kind": quote(kind.value),
-            "environment": "\n".join(f"export {k}={quote(v)}" for k, v in spec.env),
+            "environment": "\n".join(
+                [
+                    *(f"export {k}={quote(v)}" for k, v in spec.env),
+                    *self.job_environment(spec, script_path=script_path),
+                ]
+            ),
             "prologue": "\n".join(spec.prologue),
             "workdir": workdir,
             "command": quote_command(command),
@@ -295,20 +356,32 @@ class JobSystem(abc.ABC):
 
     # --- submission ----------------------------------------------------------------
 
+    @staticmethod
+    def script_file(directory: str | os.PathLike[str], stem: str) -> str:
+        """Return the path :meth:`write_script` writes ``stem`` to in ``directory``."""
+        return os.path.join(os.fspath(directory), f"{stem}.sh")
+
     def write_script(self, text: str, directory: str | os.PathLike[str], stem: str) -> str:
         """Write a job script to ``directory/stem.sh`` (created if needed); return its path."""
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{stem}.sh"
+        path = self.script_file(folder, stem)
         tmp = folder / f".{stem}.sh.tmp"
         tmp.write_text(text, encoding="utf-8")
         tmp.chmod(0o755)
         os.replace(tmp, path)
-        return str(path)
+        return path
 
-    def submit(self, script_path: str, *, output: str | None = None) -> str:
+    def submit(
+        self,
+        script_path: str,
+        *,
+        output: str | None = None,
+        variables: Mapping[str, str] | None = None,
+    ) -> str:
         """Submit a script; return the job id.
 
+        ``variables`` are added to the job's environment (see :meth:`submit_command`).
         Transient failures are retried with back-off (:attr:`retry`); permanent ones
         raise at once.
 
@@ -318,7 +391,7 @@ class JobSystem(abc.ABC):
             The system refused the script or could not be reached; ``transient`` says
             which kind of failure it was.
         """
-        argv, cwd = self.submit_command(script_path, output=output)
+        argv, cwd = self.submit_command(script_path, output=output, variables=variables)
         result = self._run(argv, cwd=cwd)
         if not result.ok:
             raise SubmissionError(
@@ -349,13 +422,19 @@ class JobSystem(abc.ABC):
         script: str | None = None,
         script_args: Sequence[str] = (),
         script_directory: str | os.PathLike[str] | None = None,
+        variables: Mapping[str, str] | None = None,
     ) -> SubmittedJob:
         """Render, write and submit one job.
 
         The script goes to ``script_directory`` (default: the spec's log directory, else
-        the current directory) as ``<name>-<kind>-<token>.sh``.
+        the current directory) as ``<name>-<kind>-<token>.sh``, an absolute path that
+        the script knows as ``HPC_JOB_SCRIPT``. ``variables`` are added to the job's
+        environment at submission (a restart passes ``HPC_JOB_RESTARTS`` and
+        ``HPC_JOB_RESTART_OF`` so).
         """
         token = new_token()
+        directory = os.path.abspath(script_directory or spec.log_directory or os.getcwd())
+        stem = f"{file_stem(spec.name)}-{kind.value}-{token}"
         text = self.render(
             spec,
             kind,
@@ -363,12 +442,12 @@ class JobSystem(abc.ABC):
             script=script,
             script_args=script_args,
             token=token,
+            script_path=self.script_file(directory, stem),
         )
-        directory = script_directory or spec.log_directory or os.getcwd()
-        path = self.write_script(text, directory, f"{file_stem(spec.name)}-{kind.value}-{token}")
+        path = self.write_script(text, directory, stem)
         output = self.output_path(spec, token)
-        job_id = self.submit(path, output=output)
-        return SubmittedJob(job_id, kind, path, self.log_path(output, job_id))
+        job_id = self.submit(path, output=output, variables=variables)
+        return SubmittedJob(job_id, kind, path, self.log_path(output, job_id), output)
 
     # --- helpers for subclasses ----------------------------------------------------
 
@@ -422,6 +501,11 @@ def _beside_python(launcher: str, python: str) -> str:
     return candidate if os.path.isfile(candidate) and os.access(candidate, os.X_OK) else launcher
 
 
+def uses_srun(spec: JobSpec) -> bool:
+    """Whether the job's ranks are started by ``srun`` (as a SLURM job step)."""
+    return os.path.basename(spec.mpi_launcher) == "srun"
+
+
 def directive_words(item: str, prefix: str) -> list[str]:
     """Split one extra directive into words, dropping a leading ``#SBATCH``/``#PBS``.
 
@@ -447,6 +531,28 @@ def directive_words(item: str, prefix: str) -> list[str]:
     if not words:
         raise JobConfigError(f"extra directive {item!r} is empty")
     return words
+
+
+def check_variables(variables: Mapping[str, str] | None) -> dict[str, str]:
+    """Check variables passed to a job on the submit command line; return them as a dict.
+
+    Their names must be among the launcher's own (:data:`~launchers._spec.JOB_VARIABLES`)
+    and their values plain words: ``sbatch --export`` and ``qsub -v`` split on commas,
+    and SLURM's ``qsub`` passes its arguments through a shell unquoted.
+
+    Examples
+    --------
+    >>> check_variables({"HPC_JOB_RESTARTS": "1", "HPC_JOB_RESTART_OF": "123.srv"})
+    {'HPC_JOB_RESTARTS': '1', 'HPC_JOB_RESTART_OF': '123.srv'}
+    """
+    checked = dict(variables or {})
+    for name, value in checked.items():
+        if name not in JOB_VARIABLES or not _PLAIN_WORD.match(value):
+            raise ValueError(
+                f"cannot pass {name}={value!r} on a submit command line: only the "
+                f"launcher's variables ({', '.join(JOB_VARIABLES)}) with plain values"
+            )
+    return checked
 
 
 def same_job(a: str, b: str) -> bool:

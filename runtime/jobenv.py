@@ -191,7 +191,9 @@ class JobEnvironment:
             env = f"ALL,HPC_JOB_RESTARTS={count},HPC_JOB_RESTART_OF={self.job_id}"
             return ["sbatch", "--parsable", f"--export={env}", self.script]
         variables = f"HPC_JOB_RESTARTS={count},HPC_JOB_RESTART_OF={self.job_id}"
-        return ["qsub", "-v", variables, self.script]
+        # -V: the successor keeps this job's environment (some qsub front ends read a
+        # lone -v as "only these variables").
+        return ["qsub", "-V", "-v", variables, self.script]
 
     def restart_job(
         self,

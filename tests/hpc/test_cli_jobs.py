@@ -67,3 +67,19 @@ def test_submit_rejects_a_command_that_is_not_a_python_script(script):
 def test_bad_setting_is_a_clear_error(capsys, script):
     assert main(["script", "--profile", "slurm", "--walltime", "ten minutes", "--", script]) == 1
     assert "walltime" in capsys.readouterr().err
+
+
+def test_restart_options_reach_the_script(capsys, script):
+    argv = ["script", "--profile", "slurm", "--walltime", "01:00:00", "--restart", "requeue"]
+    argv += ["--drain-lead", "5min", "--max-restarts", "2", "--", "python", script]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --requeue" in out and "#SBATCH --signal=USR2@300" in out
+    assert "export HPC_JOB_RESTART=requeue" in out and "HPC_JOB_MAX_RESTARTS=2" in out
+    assert "export HPC_JOB_DRAIN_AT=$(( $(date +%s) + 3300 ))" in out
+
+
+def test_a_restart_policy_that_is_not_one_is_refused(capsys, script):
+    with pytest.raises(SystemExit):
+        main(["script", "--profile", "slurm", "--restart", "often", "--", "python", script])
+    assert "invalid choice" in capsys.readouterr().err

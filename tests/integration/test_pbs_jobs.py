@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from launchers import ClusterStatus, JobKind, JobState, PBSCluster, PBSSystem
+from launchers import (
+    ClusterStatus,
+    JobKind,
+    JobSpec,
+    JobState,
+    JobStatusPoller,
+    PBSCluster,
+    PBSSystem,
+)
 from runtime import rendezvous
 
 pytestmark = pytest.mark.slurm
@@ -110,3 +118,41 @@ def test_login_node_client_computes_a_graph_on_a_cluster_started_with_qsub(tmp_p
         assert total.compute() == sum(i * i for i in range(20))
         assert client.submit(pow, 2, 5).result(timeout=60) == 32
         assert cluster.scheduler_info["job_id"] == cluster.cluster_job.job_id
+
+
+def test_qsub_accepts_a_rerunnable_job(tmp_path, cancel_jobs):
+    system = PBSSystem(dialect="torque")
+    spec = JobSpec(
+        walltime="00:10:00",
+        restart="requeue",
+        log_directory=str(tmp_path),
+        extra_directives=["-h"],  # held: never runs
+    )
+    job = system.submit_job(spec, scheduler_file=str(tmp_path / "s.json"))
+    cancel_jobs(system, job.job_id)
+    assert "#PBS -r y\n" in Path(job.script_path).read_text()
+    status = system.query([job.job_id])[job.job_id]
+    assert status.state is JobState.PENDING
+
+
+def test_a_restart_submitted_with_qsub_gets_its_variables_and_keeps_the_environment(
+    tmp_path, cancel_jobs, monkeypatch
+):
+    # SLURM's qsub turns `-v` alone into `sbatch --export=NONE,...`: -V keeps the rest.
+    monkeypatch.setenv("HPC_TEST_SUBMITTER", "kept")
+    system = PBSSystem(dialect="torque")
+    script = tmp_path / "env.sh"
+    output = tmp_path / "env.out"
+    script.write_text(
+        '#!/bin/bash\necho "$HPC_JOB_RESTARTS $HPC_JOB_RESTART_OF $HPC_TEST_SUBMITTER"\n'
+    )
+    job_id = system.submit(
+        str(script),
+        output=str(output),
+        variables={"HPC_JOB_RESTARTS": "3", "HPC_JOB_RESTART_OF": "12"},
+    )
+    cancel_jobs(system, job_id)
+    poller = JobStatusPoller(system, min_interval=0.5)
+    done = poller.wait([job_id], lambda s: s.state.is_terminal, timeout=60)[job_id]
+    assert done.state is JobState.COMPLETED
+    assert output.read_text().split() == ["3", "12", "kept"]

@@ -23,6 +23,7 @@ from launchers import (
     SubmissionError,
     run_command,
 )
+from launchers._slurm import parse_scontrol
 from runtime import rendezvous, testing
 
 pytestmark = pytest.mark.slurm
@@ -254,6 +255,63 @@ def test_adapt_adds_a_worker_job_for_queued_work_and_cancels_it_when_idle(tmp_pa
         assert final[job].state is JobState.CANCELLED
         assert cluster.worker_jobs() == []
         assert client.submit(pow, 2, 5).result(timeout=60) == 32  # the cluster still works
+
+
+def test_drain_signal_and_requeue_directives_are_accepted_by_sbatch(tmp_path, cancel_jobs):
+    system = SlurmSystem()
+    spec = JobSpec(
+        walltime="00:10:00",
+        restart="requeue",
+        drain_lead="3min",
+        mpi_launcher="srun",
+        tasks_per_node=2,
+        log_directory=str(tmp_path),
+        extra_directives=["--hold"],  # never runs: only sbatch's verdict matters here
+    )
+    job = system.submit_job(
+        spec,
+        JobKind.CLUSTER,
+        scheduler_file=str(tmp_path / "s.json"),
+        variables={"HPC_JOB_RESTARTS": "1", "HPC_JOB_RESTART_OF": "1"},
+    )
+    cancel_jobs(system, job.job_id)
+    script = Path(job.script_path).read_text()
+    assert "#SBATCH --signal=USR2@180\n#SBATCH --requeue\n" in script
+    record = parse_scontrol(
+        subprocess.run(
+            ["scontrol", "-o", "show", "job", job.job_id],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert (record["JobState"], record["Reason"], record["Requeue"]) == (
+        "PENDING",
+        "JobHeldUser",
+        "1",
+    )
+    test_only = subprocess.run(
+        ["sbatch", "--test-only", job.script_path], capture_output=True, text=True, check=False
+    )
+    assert test_only.returncode == 0, test_only.stderr
+
+
+def test_a_restart_submission_passes_its_variables_and_keeps_the_environment(
+    tmp_path, cancel_jobs, monkeypatch
+):
+    monkeypatch.setenv("HPC_TEST_SUBMITTER", "kept")
+    system = SlurmSystem()
+    script = tmp_path / "env.sh"
+    output = tmp_path / "env.out"
+    body = 'echo "$HPC_JOB_RESTARTS $HPC_JOB_RESTART_OF $HPC_TEST_SUBMITTER"'
+    script.write_text(f"#!/bin/bash\n#SBATCH --output={output}\n{body}\n")
+    job_id = system.submit(
+        str(script), variables={"HPC_JOB_RESTARTS": "2", "HPC_JOB_RESTART_OF": "12"}
+    )
+    cancel_jobs(system, job_id)
+    done = poller_for(system).wait([job_id], lambda s: s.state.is_terminal, timeout=60)
+    assert done[job_id].state is JobState.COMPLETED
+    assert output.read_text().split() == ["2", "12", "kept"]
 
 
 @pytest.mark.timeout(300)

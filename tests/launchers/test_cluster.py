@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gc
+import json
+import logging
+import os
 import threading
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -37,11 +41,15 @@ class MemorySystem(SlurmSystem):
         self.states: dict[str, JobState] = {}
         self.kinds: dict[str, str] = {}
         self.cancel_calls: list[list[str]] = []
+        self.variables: dict[str, dict[str, str] | None] = {}
+        self.on_submit = lambda: None
         self.next_id = 100
 
-    def submit(self, script_path, *, output=None):
+    def submit(self, script_path, *, output=None, variables=None):
+        self.on_submit()
         job_id = str(self.next_id)
         self.next_id += 1
+        self.variables[job_id] = variables
         self.states[job_id] = JobState.PENDING
         self.kinds[job_id] = (
             "worker" if "--no-scheduler" in Path(script_path).read_text() else "cluster"
@@ -378,3 +386,246 @@ def test_relative_log_directory_and_scheduler_file_are_under_the_working_directo
     cluster = make_cluster(log_directory="logs", scheduler_file="run/sched.json")
     assert cluster.spec.log_directory == str(tmp_path / "logs")
     assert cluster.scheduler_file == str(tmp_path / "run" / "sched.json")
+
+
+# --- following the cluster job to its successor --------------------------------------
+
+NEW_ADDRESS = "tcp://10.0.0.9:8786"
+
+
+def scripted_sleeps(cluster, clock, steps):
+    """Replace the cluster's sleep: after sleep number n (from 1), run ``steps[n]()``."""
+    calls = []
+
+    def sleep(seconds):
+        calls.append(seconds)
+        clock.sleep(seconds)
+        step = steps.get(len(calls))
+        if step is not None:
+            step()
+
+    cluster._sleep = sleep
+    return calls
+
+
+def rewrite_scheduler_file(cluster, job_id, address=NEW_ADDRESS, **fields):
+    """Write the scheduler file as a successor's scheduler would (``restart_of``, ...)."""
+    document = {
+        "address": address,
+        "secret": SECRET.hex(),
+        "pid": 5151,
+        "started": 2e9,
+        "job_id": job_id,
+        **fields,
+    }
+    path = Path(cluster.scheduler_file)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(document))
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
+
+
+def running(make_cluster, system, clock, **settings):
+    """A started cluster (job 100 running) and its scheduler file's contents."""
+    cluster = started(make_cluster, system, clock, **settings)
+    assert cluster.cluster_job.job_id == "100"
+    return cluster, dict(cluster.scheduler_info)
+
+
+def test_a_resubmitted_successor_is_found_by_restart_of_and_adopted(make_cluster, system, clock):
+    cluster, previous = running(make_cluster, system, clock, restart="resubmit")
+
+    def runtime_resubmits():  # what the drained job's runtime does, as seen from here
+        system.states.update({"100": JobState.COMPLETED, "555": JobState.RUNNING})
+        rewrite_scheduler_file(cluster, "555", restart_of="100", restarts=1)
+
+    calls = scripted_sleeps(cluster, clock, {2: runtime_resubmits})
+    info = cluster._await_scheduler(previous, timeout=60)
+    assert info is not None and info["address"] == NEW_ADDRESS and info["restart_of"] == "100"
+    assert cluster.scheduler_info is info and cluster.scheduler_address == NEW_ADDRESS
+    job = cluster.cluster_job
+    assert job.job_id == "555" and job.kind is JobKind.CLUSTER
+    assert job.script_path == cluster.jobs["100"].script_path  # the runtime resubmits it
+    assert job.log_path == str(Path(cluster.spec.log_directory) / "hpc-555.log")
+    assert set(cluster.jobs) == {"100", "555"} and system.next_id == 101  # nothing submitted
+    assert calls == [0.5, 0.5]
+    cluster.close()
+    assert system.cancel_calls == [["555"]]
+
+
+def test_a_requeued_job_keeps_its_id_and_its_rewritten_file_is_adopted(make_cluster, system, clock):
+    cluster, previous = running(make_cluster, system, clock, restart="requeue")
+
+    def node_fails():
+        system.states["100"] = JobState.NODE_FAIL
+
+    def slurm_requeues():
+        system.states["100"] = JobState.PENDING
+
+    def runs_again():
+        system.states["100"] = JobState.RUNNING
+        rewrite_scheduler_file(cluster, "100", restarts=1)  # SLURM_RESTART_COUNT
+
+    scripted_sleeps(cluster, clock, {1: node_fails, 2: slurm_requeues, 6: runs_again})
+    info = cluster._await_scheduler(previous, timeout=60)
+    assert info is not None and info["address"] == NEW_ADDRESS
+    assert cluster.cluster_job.job_id == "100" and list(cluster.jobs) == ["100"]
+    assert system.next_id == 101  # SLURM brought it back: nothing submitted from here
+    assert cluster._restarts == 1
+
+
+def test_a_node_failure_with_nothing_in_its_place_is_resubmitted_from_here(
+    make_cluster, system, clock, caplog
+):
+    cluster, previous = running(make_cluster, system, clock, restart="resubmit")
+    file_at_submit = []
+    system.on_submit = lambda: file_at_submit.append(Path(cluster.scheduler_file).exists())
+
+    def node_fails():
+        system.states["100"] = JobState.NODE_FAIL
+
+    def replacement_starts():
+        assert system.next_id == 102, "the replacement was not submitted"
+        system.states["101"] = JobState.RUNNING
+        rewrite_scheduler_file(cluster, "101", restart_of="100", restarts=1)
+
+    calls = scripted_sleeps(cluster, clock, {1: node_fails, 6: replacement_starts})
+    with caplog.at_level(logging.WARNING, logger="launchers.cluster"):
+        info = cluster._await_scheduler(previous, timeout=60)
+    assert info is not None and info["job_id"] == "101"
+    assert cluster.cluster_job.job_id == "101" and system.kinds["101"] == "cluster"
+    assert system.variables["101"] == {"HPC_JOB_RESTARTS": "1", "HPC_JOB_RESTART_OF": "100"}
+    assert file_at_submit == [False]  # the gone scheduler's file was removed first
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "cluster job 100 ended (NODE_FAIL)" in warning and "cluster job 101" in warning
+    assert all(0 < c <= 0.5 for c in calls)
+    cluster.close()
+    assert system.cancel_calls == [["101"]]
+
+
+def test_a_successor_named_by_the_drained_job_is_followed_not_submitted_again(
+    make_cluster, system, clock
+):
+    cluster, previous = running(make_cluster, system, clock, restart="resubmit")
+    successor = Path(f"{cluster.scheduler_file}.successor")
+
+    def resubmitted_then_timed_out():
+        # The runtime submitted job 777 and named it, then the walltime caught it.
+        successor.write_text("777\n")
+        system.states.update({"100": JobState.TIMEOUT, "777": JobState.PENDING})
+
+    def successor_starts():
+        system.states["777"] = JobState.RUNNING
+        rewrite_scheduler_file(cluster, "777", restart_of="100", restarts=1)
+
+    scripted_sleeps(cluster, clock, {1: resubmitted_then_timed_out, 10: successor_starts})
+    info = cluster._await_scheduler(previous, timeout=60)
+    assert info is not None and info["job_id"] == "777"
+    assert system.next_id == 101  # long past the settle time, and still no second job
+    assert cluster.cluster_job.job_id == "777" and set(cluster.jobs) == {"100", "777"}
+
+
+def test_without_restarts_nothing_is_awaited(make_cluster, system, clock):
+    cluster, previous = running(make_cluster, system, clock)  # restart="none", the default
+    calls = scripted_sleeps(cluster, clock, {})
+    assert cluster._await_scheduler(previous, timeout=None) is None
+    assert calls == [] and system.next_id == 101
+
+
+@pytest.mark.parametrize("restart", ["resubmit", "requeue"])
+def test_a_completed_job_with_no_successor_has_none_coming(make_cluster, system, clock, restart):
+    cluster, previous = running(make_cluster, system, clock, restart=restart)
+    stale = Path(f"{cluster.scheduler_file}.successor")
+    stale.write_text("100\n")  # a requeue named the job itself, long ago: no news
+
+    def completes():
+        system.states["100"] = JobState.COMPLETED
+
+    calls = scripted_sleeps(cluster, clock, {1: completes})
+    assert cluster._await_scheduler(previous, timeout=60) is None
+    assert system.next_id == 101
+    assert len(calls) == 3  # a successor gets two poll intervals (1 s) to show up
+
+
+def test_no_restart_is_made_past_max_restarts(make_cluster, system, clock, caplog):
+    cluster, previous = running(make_cluster, system, clock, restart="requeue", max_restarts=1)
+
+    def node_fails(job_id):
+        return lambda: system.states.__setitem__(job_id, JobState.NODE_FAIL)
+
+    def replacement_starts():
+        system.states["101"] = JobState.RUNNING
+        rewrite_scheduler_file(cluster, "101", restart_of="100", restarts=1)
+
+    scripted_sleeps(cluster, clock, {1: node_fails("100"), 6: replacement_starts})
+    second = cluster._await_scheduler(previous, timeout=60)
+    assert second is not None and second["job_id"] == "101"
+    scripted_sleeps(cluster, clock, {1: node_fails("101")})
+    with caplog.at_level(logging.WARNING, logger="launchers.cluster"):
+        assert cluster._await_scheduler(second, timeout=60) is None
+    assert system.next_id == 102
+    assert "max_restarts is 1" in caplog.text
+
+
+def test_waiting_for_a_successor_ends_at_the_timeout(make_cluster, system, clock):
+    cluster, previous = running(make_cluster, system, clock, restart="resubmit")
+    before = clock.now
+    calls = scripted_sleeps(cluster, clock, {})  # the job runs on, writing nothing
+    assert cluster._await_scheduler(previous, timeout=7.2) is None
+    assert clock.now - before == pytest.approx(7.2)
+    assert max(calls) == 0.5 and min(calls) > 0 and system.next_id == 101
+
+
+def test_closing_the_cluster_ends_the_wait(make_cluster, system, clock):
+    cluster, previous = running(make_cluster, system, clock, restart="resubmit")
+    scripted_sleeps(cluster, clock, {3: cluster.close})
+    assert cluster._await_scheduler(previous, timeout=None) is None
+
+
+def test_start_takes_the_file_of_a_successor_of_its_job(make_cluster, system, clock):
+    cluster = make_cluster(restart="resubmit")
+
+    def drained_and_resubmitted_before_we_looked():
+        system.states.update({"100": JobState.COMPLETED, "900": JobState.RUNNING})
+        rewrite_scheduler_file(cluster, "900", restart_of="100", restarts=1)
+
+    scripted_sleeps(cluster, clock, {2: drained_and_resubmitted_before_we_looked})
+    cluster.start()
+    assert cluster.scheduler_address == NEW_ADDRESS
+    assert cluster.cluster_job.job_id == "900" and set(cluster.jobs) == {"100", "900"}
+
+
+def test_a_client_thread_waits_for_the_successor_while_the_cluster_is_used(
+    defaults, system, tmp_path
+):
+    # Real time and a real helper thread, as runtime.client.Client calls it.
+    cluster = SlurmCluster(
+        config=defaults, system=system, working_directory=str(tmp_path),
+        status_min_interval=0, restart="resubmit",
+    )  # fmt: skip
+
+    def scheduler_starts(seconds):
+        system.states["100"] = JobState.RUNNING
+        rewrite_scheduler_file(cluster, "100", address=ADDRESS)
+
+    cluster._sleep = scheduler_starts
+    cluster.start()
+    cluster._sleep = time.sleep
+    previous = dict(cluster.scheduler_info)
+    found = {}
+    waiter = threading.Thread(
+        target=lambda: found.update(info=cluster._await_scheduler(previous, timeout=30))
+    )
+    waiter.start()
+    try:
+        cluster.scale(2)  # the waiter does not hold the cluster's lock while it waits
+        assert len(cluster.worker_jobs()) == 2
+        system.states.update({"100": JobState.COMPLETED, "555": JobState.RUNNING})
+        rewrite_scheduler_file(cluster, "555", restart_of="100")
+        waiter.join(30)
+        assert not waiter.is_alive() and found["info"]["job_id"] == "555"
+        assert cluster.cluster_job.job_id == "555"
+    finally:
+        cluster.close()
+        waiter.join(30)
+    assert sorted(system.cancel_calls[0]) == ["101", "102", "555"]

@@ -218,3 +218,41 @@ def test_output_file_is_unique_per_submission_since_pbs_has_no_job_id_pattern():
     assert system.output_path(spec, "tok1") == "/logs/w-tok1.log"
     assert system.output_path(spec, "tok1") != system.output_path(spec, "tok2")
     assert system.log_path("/logs/w-tok1.log", "5") == "/logs/w-tok1.log"
+
+
+def test_a_restart_passes_its_count_and_predecessor_to_qsub_keeping_the_environment(runner):
+    runner.reply("qsub", 0, "57.server\n")
+    system, _ = pbs(runner)
+    variables = {"HPC_JOB_RESTARTS": "1", "HPC_JOB_RESTART_OF": "55.server"}
+    assert system.submit("/s/job.sh", variables=variables) == "57.server"
+    # -V as well: SLURM's qsub turns a lone -v into sbatch --export=NONE,...
+    assert runner.calls == [
+        (["qsub", "-V", "-v", "HPC_JOB_RESTARTS=1,HPC_JOB_RESTART_OF=55.server", "job.sh"], "/s")
+    ]
+
+
+QSTAT_PBSPRO_INTERRUPTED = """Job Id: 2001.pbs01
+    job_state = F
+    Exit_status = -20
+
+Job Id: 2002.pbs01
+    job_state = F
+    Exit_status = -29
+
+Job Id: 2003.pbs01
+    job_state = F
+    Exit_status = 271
+    comment = Job preempted by delete
+"""
+
+
+def test_pbspro_node_failures_walltime_kills_and_preemptions_are_told_apart(runner):
+    runner.reply("qstat", 0, QSTAT_PBSPRO_INTERRUPTED)
+    system, _ = pbs(runner, dialect="pbspro")
+    statuses = system.query(["2001.pbs01", "2002.pbs01", "2003.pbs01"])
+    assert [s.state for s in statuses.values()] == [
+        JobState.NODE_FAIL,
+        JobState.TIMEOUT,
+        JobState.PREEMPTED,
+    ]
+    assert all(s.state.is_interrupted for s in statuses.values())

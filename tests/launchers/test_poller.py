@@ -177,3 +177,18 @@ def test_wait_returns_the_current_states_at_the_timeout(system, clock):
 def test_interval_settings_are_checked():
     with pytest.raises(ValueError):
         JobStatusPoller(ScriptedSystem(), min_interval=10, max_interval=5)  # type: ignore[arg-type]
+
+
+def test_an_unsettled_job_is_asked_about_again_and_may_come_back(system, clock):
+    poller = make(system, clock)
+    poller.track("1")
+    system.states["1"] = JobState.NODE_FAIL
+    poller.poll()
+    assert poller.is_settled("1")
+    poller.unsettle("1")
+    assert not poller.is_settled("1")
+    assert poller.statuses()["1"].state is JobState.NODE_FAIL  # kept until told otherwise
+    system.states["1"] = JobState.PENDING  # requeued under the same id
+    clock.advance(5)
+    assert poller.poll()["1"].state is JobState.PENDING
+    assert system.calls == [["1"], ["1"]]

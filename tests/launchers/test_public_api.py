@@ -29,6 +29,7 @@ EXPECTED = [
     "PBSCluster",
     "PBSSystem",
     "PBS_STATES",
+    "RestartMode",
     "Retry",
     "SLURM_STATES",
     "SYSTEMS",

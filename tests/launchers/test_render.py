@@ -16,11 +16,20 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from launchers import JobConfigError, JobKind, JobSpec, LocalSystem, PBSSystem, SlurmSystem
+from launchers import (
+    CommandResult,
+    JobConfigError,
+    JobKind,
+    JobSpec,
+    LocalSystem,
+    PBSSystem,
+    SlurmSystem,
+)
 from launchers._render import render_template
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -31,6 +40,7 @@ HOSTILE_DIR = '/scratch/it\'s a "dir" $HOME `id` %j'
 HOSTILE_NEWLINE = "/tmp/two\nlines/sched.json"
 HOSTILE_SCRIPT = "/home/u/$(touch pwned)/my script.py"
 HOSTILE_ARGS = ["a b", "c;d", "$HOME", "'q'", "line\nbreak", "*", ""]
+HOSTILE_SCRIPT_PATH = f"{HOSTILE_DIR}/my_job_rm_-rf_HOME-cluster-golden.sh"
 
 
 def check_golden(name: str, text: str) -> None:
@@ -100,7 +110,42 @@ def hostile_spec(**changes) -> JobSpec:
 
 CASES = {
     "slurm_cluster.sh": lambda: SlurmSystem().render(
-        full_spec(), JobKind.CLUSTER, scheduler_file="/scratch/alice/sched.json", token="golden"
+        full_spec(),
+        JobKind.CLUSTER,
+        scheduler_file="/scratch/alice/sched.json",
+        token="golden",
+        script_path="/scratch/alice/logs/analysis-cluster-golden.sh",
+    ),
+    # Requeue, and SLURM signals the srun-started ranks 5 minutes before the walltime.
+    "slurm_requeue_srun.sh": lambda: SlurmSystem().render(
+        minimal_spec(
+            walltime="12:00:00",
+            restart="requeue",
+            drain_lead="5min",
+            drain_signal="SIGTERM",
+            max_restarts=3,
+            mpi_launcher="srun",
+        ),
+        JobKind.CLUSTER,
+        scheduler_file="/work/run/sched.json",
+        token="golden",
+        script_path="/work/run/hpc-logs/hpc-cluster-golden.sh",
+    ),
+    # mpiexec's ranks run in the batch step, which SLURM does not signal: no --signal,
+    # they drain by HPC_JOB_DRAIN_AT alone.
+    "slurm_resubmit_mpiexec.sh": lambda: SlurmSystem().render(
+        minimal_spec(walltime="01:00:00", restart="resubmit"),
+        JobKind.CLUSTER,
+        scheduler_file="/work/run/sched.json",
+        token="golden",
+        script_path="/work/run/hpc-logs/hpc-cluster-golden.sh",
+    ),
+    "pbspro_requeue.sh": lambda: PBSSystem(dialect="pbspro").render(
+        minimal_spec(walltime="04:00:00", restart="requeue", drain_lead="10min"),
+        JobKind.CLUSTER,
+        scheduler_file="/work/run/sched.json",
+        token="golden",
+        script_path="/work/run/hpc-logs/hpc-cluster-golden.sh",
     ),
     "slurm_worker.sh": lambda: SlurmSystem().render(
         minimal_spec(), JobKind.WORKER, scheduler_file="/work/run/sched.json", token="golden"
@@ -112,6 +157,7 @@ CASES = {
         script=HOSTILE_SCRIPT,
         script_args=HOSTILE_ARGS,
         token="golden",
+        script_path=HOSTILE_SCRIPT_PATH,
     ),
     "pbspro_cluster.sh": lambda: PBSSystem(dialect="pbspro").render(
         full_spec(mpi_launcher="mpiexec", mpi_args=[], extra_directives=["-l place=scatter"]),
@@ -312,7 +358,9 @@ def _argv_printer(directory: Path) -> Path:
         f"#!{sys.executable}\n"
         "import json, os, sys\n"
         "print(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd(),\n"
-        "                  'hostile': os.environ.get('HOSTILE')}))\n"
+        "                  'hostile': os.environ.get('HOSTILE'),\n"
+        "                  'job': {k: v for k, v in os.environ.items()\n"
+        "                          if k.startswith('HPC_JOB_')}}))\n"
     )
     printer.chmod(printer.stat().st_mode | stat.S_IXUSR)
     return printer
@@ -333,9 +381,11 @@ def test_hostile_values_reach_the_launcher_unchanged(tmp_path, system):
         script=HOSTILE_SCRIPT,
         script_args=HOSTILE_ARGS,
         token="t",
+        script_path=HOSTILE_SCRIPT_PATH,
     )
     path = tmp_path / "job.sh"
     path.write_text(script)
+    started = time.time()
     proc = subprocess.run(
         ["bash", str(path)], capture_output=True, text=True, timeout=30, check=True, cwd=tmp_path
     )
@@ -360,3 +410,106 @@ def test_hostile_values_reach_the_launcher_unchanged(tmp_path, system):
     assert seen["cwd"] == str(workdir)
     assert seen["hostile"] == "it's $PATH\nand `more`"
     assert not (tmp_path / "pwned").exists()
+    if isinstance(system, LocalSystem):
+        assert seen["job"] == {}  # nothing ends or requeues a local job
+        return
+    drain_at = int(seen["job"].pop("HPC_JOB_DRAIN_AT"))
+    assert started + 3480 - 1 <= drain_at <= time.time() + 3480  # computed at job start
+    assert seen["job"] == {
+        "HPC_JOB_DRAIN_SIGNAL": "USR2",
+        "HPC_JOB_RESTART": "none",
+        "HPC_JOB_MAX_RESTARTS": "10",
+        "HPC_JOB_SCRIPT": HOSTILE_SCRIPT_PATH,
+    }
+
+
+# --- draining before the walltime, and restarting ------------------------------------
+
+
+def job_exports(script: str) -> dict[str, str]:
+    prefix = "export HPC_JOB_"
+    lines = [line[len("export ") :] for line in script.splitlines() if line.startswith(prefix)]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def test_without_a_walltime_only_the_restart_variables_are_exported():
+    spec = minimal_spec(walltime=None, mpi_launcher="srun", restart="resubmit", max_restarts=4)
+    for system in (SlurmSystem(), PBSSystem(dialect="pbspro"), PBSSystem(dialect="torque")):
+        script = system.render(spec, scheduler_file="/s", token="t", script_path="/j/job.sh")
+        assert job_exports(script) == {
+            "HPC_JOB_RESTART": "resubmit",
+            "HPC_JOB_MAX_RESTARTS": "4",
+            "HPC_JOB_SCRIPT": "/j/job.sh",
+        }
+        assert "--signal" not in script
+
+
+def test_a_shown_script_has_no_path_to_export():
+    # `hpc script` and cluster.job_script() print a script that is never written.
+    script = SlurmSystem().render(minimal_spec(), scheduler_file="/s")
+    assert "HPC_JOB_SCRIPT" not in script
+    assert set(job_exports(script)) == {
+        "HPC_JOB_DRAIN_AT",
+        "HPC_JOB_DRAIN_SIGNAL",
+        "HPC_JOB_RESTART",
+        "HPC_JOB_MAX_RESTARTS",
+    }
+
+
+def test_only_requeue_asks_the_system_to_allow_requeueing():
+    for mode in ("none", "resubmit"):
+        assert "--requeue" not in SlurmSystem().render(
+            minimal_spec(restart=mode), scheduler_file="/s"
+        )
+        assert "#PBS -r" not in PBSSystem().render(minimal_spec(restart=mode), scheduler_file="/s")
+    assert "#SBATCH --requeue\n" in SlurmSystem().render(
+        minimal_spec(restart="requeue"), scheduler_file="/s"
+    )
+    torque = PBSSystem(dialect="torque").render(
+        minimal_spec(restart="requeue"), scheduler_file="/s"
+    )
+    assert "#PBS -r y\n" in torque
+
+
+def test_worker_job_scripts_carry_the_same_drain_and_restart_settings():
+    spec = minimal_spec(mpi_launcher="srun", restart="requeue", drain_lead="3min")
+    script = SlurmSystem().render(spec, JobKind.WORKER, scheduler_file="/s", script_path="/w.sh")
+    assert "#SBATCH --signal=USR2@180\n#SBATCH --requeue\n" in script
+    assert "export HPC_JOB_DRAIN_AT=$(( $(date +%s) + 3420 ))\n" in script
+
+
+def test_a_drain_lead_not_shorter_than_the_walltime_cannot_be_rendered():
+    # The default drain_lead is 2 minutes too.
+    spec = minimal_spec(walltime="00:02:00", restart="requeue")
+    for system in (SlurmSystem(), PBSSystem()):
+        with pytest.raises(JobConfigError, match=r"drain_lead 00:02:00 .* walltime 00:02:00"):
+            system.render(spec, scheduler_file="/s")
+    # Locally nothing drains, so nothing is checked.
+    LocalSystem().render(spec, scheduler_file="/s")
+    # Without a restart, such a job just does not drain.
+    plain = SlurmSystem().render(spec.replace(restart="none"), scheduler_file="/s")
+    assert "HPC_JOB_DRAIN_AT" not in plain and "--signal" not in plain
+
+
+def test_sbatch_signal_times_are_limited_to_what_sbatch_accepts():
+    spec = minimal_spec(walltime="2-00:00:00", drain_lead="20h", mpi_launcher="srun")
+    with pytest.raises(JobConfigError, match="65535"):
+        SlurmSystem().render(spec, scheduler_file="/s")
+    SlurmSystem().render(spec.replace(mpi_launcher="mpiexec"), scheduler_file="/s")
+
+
+def test_submitted_scripts_export_their_own_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    submitted = []
+
+    def runner(argv, *, cwd=None, timeout=None):
+        submitted.append(list(argv))
+        return CommandResult(tuple(argv), 0, "77\n", "")
+
+    spec = minimal_spec(log_directory="logs")  # relative: taken from the current directory
+    job = SlurmSystem(runner=runner).submit_job(spec, scheduler_file="/s")
+    assert os.path.isabs(job.script_path) and Path(job.script_path).parent == tmp_path / "logs"
+    exports = job_exports(Path(job.script_path).read_text())
+    assert exports["HPC_JOB_SCRIPT"] == job.script_path
+    assert submitted == [["sbatch", "--parsable", job.script_path]]
+    assert job.output == "logs/hpc-%j.log" and job.log_path == "logs/hpc-77.log"

@@ -12,6 +12,7 @@ from launchers import (
     JobConfigError,
     JobSpec,
     PBSSystem,
+    RestartMode,
     SlurmSystem,
     available_profiles,
     load_profile,
@@ -164,3 +165,26 @@ def test_shipped_profiles_are_the_repository_configs_and_all_valid():
         assert shipped.joinpath(name).read_text() == (REPO / "configs" / name).read_text()
         where, data = load_profile(name[: -len(".yaml")])
         assert data["system"] in ("slurm", "pbs", "local"), where
+
+
+def test_restart_settings_come_from_the_job_section_and_keyword_arguments(defaults):
+    settings = resolve_settings(config=defaults)
+    assert (settings.job.restart, settings.job.drain_lead) == (RestartMode.NONE, 120)
+    settings = resolve_settings(
+        config=defaults, restart="resubmit", drain_lead="5min", max_restarts=2
+    )
+    assert settings.job.restart is RestartMode.RESUBMIT
+    assert (settings.job.drain_lead, settings.job.max_restarts) == (300, 2)
+
+
+def test_a_restart_mode_a_profile_cannot_have_names_the_valid_ones(defaults, tmp_path):
+    path = write(tmp_path / "site.yaml", "job:\n  restart: always\n")
+    with pytest.raises(JobConfigError, match="none, requeue, resubmit"):
+        resolve_settings(profile=str(path), config=defaults)
+
+
+def test_a_drain_lead_not_shorter_than_the_walltime_fails_before_anything_is_submitted(defaults):
+    with pytest.raises(JobConfigError, match=r"drain_lead 00:02:00 .* walltime 00:01:00"):
+        resolve_settings(config=defaults, walltime="00:01:00", restart="requeue")
+    settings = resolve_settings(config=defaults, walltime="00:01:00", drain_lead="20s")
+    assert settings.job.drain_after == 40

@@ -284,3 +284,31 @@ def test_output_goes_to_log_directory_named_after_the_job_id():
     assert system.log_path(output, "42") == "/logs/100%/x/my_run-42.log"
     assert system.output_path(JobSpec(), "tok") is None
     assert system.log_path("C:\\logs\\%j.log", "42") == "C:\\logs\\%j.log"
+
+
+def test_a_restart_passes_its_count_and_predecessor_on_the_sbatch_command_line(runner):
+    runner.reply("sbatch", 0, "33\n")
+    system, _ = slurm(runner)
+    variables = {"HPC_JOB_RESTARTS": "2", "HPC_JOB_RESTART_OF": "31"}
+    assert system.submit("/s/job.sh", variables=variables) == "33"
+    assert runner.calls == [
+        (
+            [
+                "sbatch",
+                "--parsable",
+                "--export=ALL,HPC_JOB_RESTARTS=2,HPC_JOB_RESTART_OF=31",
+                "/s/job.sh",
+            ],
+            None,
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    "variables", [{"PATH": "/x"}, {"HPC_JOB_RESTART_OF": "31,LD_PRELOAD=/evil.so"}]
+)
+def test_only_the_launchers_plain_variables_go_on_a_submit_command_line(runner, variables):
+    system, _ = slurm(runner)
+    with pytest.raises(ValueError, match="cannot pass"):
+        system.submit("/s/job.sh", variables=variables)
+    assert runner.calls == []

@@ -8,7 +8,14 @@ from importlib import resources
 import pytest
 import yaml
 
-from launchers import JobConfigError, JobSpec, MPIImplementation, format_walltime, parse_walltime
+from launchers import (
+    JobConfigError,
+    JobSpec,
+    MPIImplementation,
+    RestartMode,
+    format_walltime,
+    parse_walltime,
+)
 from launchers._spec import memory_mib
 from runtime.errors import ConfigError, HPCError
 
@@ -174,3 +181,107 @@ def test_package_defaults_match_the_built_in_defaults():
     job = yaml.safe_load(text)["launchers"]["job"]
     assert set(job) == {f.replace("_", "-") for f in JobSpec.FIELDS}
     assert JobSpec(**job) == JobSpec()
+
+
+# --- draining before the walltime, and restarting ------------------------------------
+
+
+def test_restart_settings_default_to_no_restart_and_a_two_minute_drain():
+    spec = JobSpec()
+    assert spec.restart is RestartMode.NONE
+    assert (spec.drain_lead, spec.drain_signal, spec.max_restarts) == (120, "USR2", 10)
+    assert spec.drain_after == 3600 - 120
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [
+        ("requeue", RestartMode.REQUEUE),
+        ("RESUBMIT", RestartMode.RESUBMIT),
+        (None, RestartMode.NONE),
+    ],
+)
+def test_restart_takes_the_three_modes(value, mode):
+    assert JobSpec(restart=value).restart is mode
+    assert JobSpec(**JobSpec(restart=value).to_dict()).restart is mode
+
+
+def test_a_bad_restart_value_names_the_valid_ones():
+    with pytest.raises(
+        JobConfigError, match="restart 'always' is not one of: none, requeue, resubmit"
+    ):
+        JobSpec(restart="always")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("2min", 120), (90, 90), ("00:05:00", 300), (0.2, 1)]
+)
+def test_drain_lead_is_a_duration_in_whole_seconds(value, seconds):
+    assert JobSpec(drain_lead=value).drain_lead == seconds
+
+
+@pytest.mark.parametrize("value", [0, -5, "soon", True])
+def test_drain_lead_must_be_a_positive_duration(value):
+    with pytest.raises(JobConfigError, match="drain_lead"):
+        JobSpec(drain_lead=value)
+
+
+def test_drain_lead_not_shorter_than_the_walltime_names_both_when_checked():
+    # Not when assigned: walltime and drain_lead may be set in either order.
+    spec = JobSpec(walltime="00:01:00", restart="resubmit")
+    spec.drain_lead = "30s"
+    spec.check()
+    assert spec.drain_after == 30
+    spec.drain_lead = "1min"
+    with pytest.raises(JobConfigError) as info:
+        spec.check()
+    message = str(info.value)
+    assert "drain_lead 00:01:00 (60 s)" in message and "walltime 00:01:00 (60 s)" in message
+    with pytest.raises(JobConfigError, match="drain_lead"):
+        _ = spec.drain_after
+
+
+def test_a_job_that_does_not_restart_and_has_no_time_for_the_lead_does_not_drain():
+    # The default lead (2 min) must not make a short job without restarts an error.
+    spec = JobSpec(walltime="00:01:00")
+    spec.check()
+    assert spec.drain_after is None
+
+
+def test_without_a_walltime_there_is_no_drain_time():
+    spec = JobSpec(walltime=None, drain_lead="1h")
+    spec.check()
+    assert spec.drain_after is None
+
+
+@pytest.mark.parametrize(
+    ("value", "name"), [("USR2", "USR2"), ("sigterm", "TERM"), ("SIGINT", "INT")]
+)
+def test_drain_signal_is_stored_as_the_name_without_sig(value, name):
+    assert JobSpec(drain_signal=value).drain_signal == name
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("USR1", "MPICH"),
+        ("SIGKILL", "cannot be caught"),
+        ("STOP", "cannot be caught"),
+        ("BOGUS", "not a signal"),
+    ],
+)
+def test_drain_signals_that_cannot_work_are_refused(value, why):
+    with pytest.raises(JobConfigError, match=why):
+        JobSpec(drain_signal=value)
+
+
+def test_max_restarts_is_a_count_from_zero():
+    assert JobSpec(max_restarts=0).max_restarts == 0
+    with pytest.raises(JobConfigError, match="max_restarts"):
+        JobSpec(max_restarts=-1)
+
+
+@pytest.mark.parametrize("name", ["HPC_JOB_RESTART", "HPC_JOB_DRAIN_AT", "HPC_JOB_RESTARTS"])
+def test_env_cannot_set_the_launchers_own_job_variables(name):
+    with pytest.raises(JobConfigError, match=f"{name} is set by the launcher"):
+        JobSpec(env={name: "1"})

@@ -72,6 +72,7 @@ def test_pbs_commands() -> None:
     resubmit = JobEnvironment.from_environ({**base, "HPC_JOB_RESTART": "resubmit"})
     assert resubmit.restart_command() == [
         "qsub",
+        "-V",
         "-v",
         "HPC_JOB_RESTARTS=1,HPC_JOB_RESTART_OF=12.server",
         "/s.sh",

@@ -3,6 +3,7 @@
 #SBATCH --partition=compute
 #SBATCH --account=proj42
 #SBATCH --time=02:00:00
+#SBATCH --signal=USR2@120
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=4
 #SBATCH --cpus-per-task=2
@@ -15,6 +16,11 @@
 # Every value in this script was shell-quoted when it was filled in.
 export OMP_NUM_THREADS=2
 export HPC_LOGGING=info
+export HPC_JOB_DRAIN_AT=$(( $(date +%s) + 7080 ))
+export HPC_JOB_DRAIN_SIGNAL=USR2
+export HPC_JOB_RESTART=none
+export HPC_JOB_MAX_RESTARTS=10
+export HPC_JOB_SCRIPT=/scratch/alice/logs/analysis-cluster-golden.sh
 module load python/3.11
 source /home/alice/venv/bin/activate
 cd -- /home/alice/project

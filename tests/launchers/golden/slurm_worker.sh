@@ -6,5 +6,9 @@
 #SBATCH --cpus-per-task=1
 # An hpc-toolkit worker job for SLURM, written by launchers.SlurmSystem.
 # Every value in this script was shell-quoted when it was filled in.
+export HPC_JOB_DRAIN_AT=$(( $(date +%s) + 3480 ))
+export HPC_JOB_DRAIN_SIGNAL=USR2
+export HPC_JOB_RESTART=none
+export HPC_JOB_MAX_RESTARTS=10
 cd -- /work/run
 exec mpiexec -n 2 -disable-auto-cleanup /opt/python/bin/python3 -m runtime.mpi --no-scheduler --scheduler-file /work/run/sched.json --nthreads 1

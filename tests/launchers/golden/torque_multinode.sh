@@ -12,6 +12,10 @@
 # Every value in this script was shell-quoted when it was filled in.
 export OMP_NUM_THREADS=2
 export HPC_LOGGING=info
+export HPC_JOB_DRAIN_AT=$(( $(date +%s) + 7080 ))
+export HPC_JOB_DRAIN_SIGNAL=USR2
+export HPC_JOB_RESTART=none
+export HPC_JOB_MAX_RESTARTS=10
 module load python/3.11
 source /home/alice/venv/bin/activate
 cd -- /home/alice/project
