@@ -158,13 +158,19 @@ def test_task_flows_from_client_to_worker_and_back() -> None:
     run(scenario())
 
 
+async def running_task(s: Scheduler) -> tuple[Peer, Peer]:
+    """A worker and a client, and the client's task ``x`` running on the worker."""
+    worker = await Peer.worker(s, "tcp://127.0.0.1:50001")
+    client = await Peer.client(s)
+    client.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
+    await worker.expect("compute-task", key="x")
+    return worker, client
+
+
 def test_client_disconnect_without_grace_releases_its_keys_on_the_workers() -> None:
     async def scenario() -> None:
         async with sched(client_grace=0) as s:
-            worker = await Peer.worker(s, "tcp://127.0.0.1:50001")
-            client = await Peer.client(s)
-            client.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
-            await worker.expect("compute-task", key="x")
+            worker, client = await running_task(s)
             await client.close()
             assert (await worker.expect("free-keys"))["keys"] == ["x"]
             await until(lambda: not s.state.clients and not s.state.tasks)
@@ -175,10 +181,7 @@ def test_client_disconnect_without_grace_releases_its_keys_on_the_workers() -> N
 def test_disconnected_client_keeps_its_work_for_the_grace_period_and_can_reconnect() -> None:
     async def scenario() -> None:
         async with sched(client_grace=600) as s:
-            worker = await Peer.worker(s, "tcp://127.0.0.1:50001")
-            client = await Peer.client(s)
-            client.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
-            await worker.expect("compute-task", key="x")
+            worker, client = await running_task(s)
             await client.close()  # dropped, not close-client
             await until(lambda: "client-1" in s._orphans)
             # The work goes on without the client: the task finishes and is kept.
@@ -199,10 +202,7 @@ def test_disconnected_client_keeps_its_work_for_the_grace_period_and_can_reconne
 def test_disconnected_client_is_released_when_its_grace_period_ends() -> None:
     async def scenario() -> None:
         async with sched(client_grace=0.05) as s:
-            worker = await Peer.worker(s, "tcp://127.0.0.1:50001")
-            client = await Peer.client(s)
-            client.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
-            await worker.expect("compute-task", key="x")
+            worker, client = await running_task(s)
             await client.close()
             assert (await worker.expect("free-keys"))["keys"] == ["x"]
             await until(lambda: not s.state.clients and not s.state.tasks and not s._orphans)
@@ -213,10 +213,7 @@ def test_disconnected_client_is_released_when_its_grace_period_ends() -> None:
 def test_close_client_releases_at_once_despite_the_grace_period() -> None:
     async def scenario() -> None:
         async with sched(client_grace=600) as s:
-            worker = await Peer.worker(s, "tcp://127.0.0.1:50001")
-            client = await Peer.client(s)
-            client.send({"op": "update-graph", "tasks": {"x": [b"p"]}, "keys": ["x"]})
-            await worker.expect("compute-task", key="x")
+            worker, client = await running_task(s)
             client.send({"op": "close-client", "client": "client-1"})
             assert (await worker.expect("free-keys"))["keys"] == ["x"]
             await until(lambda: not s.state.clients and not s.state.tasks)

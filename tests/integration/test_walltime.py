@@ -1,0 +1,141 @@
+"""Walltime on the real SLURM, end to end: drain, restart, and the client carries on.
+
+A cluster job with a one-minute walltime runs a graph that needs longer. Ahead of the
+limit (``--signal=USR2@<lead>`` and ``HPC_JOB_DRAIN_AT``) its scheduler stops starting
+tasks, lets the running ones finish - their checkpoints are written - and the job
+restarts: it submits its successor (``resubmit``) or SLURM runs it again
+(``requeue``). The Client on this "login node" keeps waiting on its future, follows
+the cluster to the successor's scheduler, sends its graph again, and receives the
+result; tasks finished in the first job are loaded, not computed again.
+
+Each task leaves a marker named after the job (and restart) that ran it, so the test
+can tell which run computed what.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launchers import JobState, SlurmCluster
+from runtime.rendezvous import read_scheduler_file
+
+pytestmark = pytest.mark.slurm
+
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+TASKS = 40
+SECONDS_PER_TASK = 1.0
+
+
+def slow(runs: str, i: int) -> int:
+    time.sleep(SECONDS_PER_TASK)  # the workload: a task that takes a while
+    run = f"{os.environ.get('SLURM_JOB_ID')}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    Path(runs, f"task-{i}.{run}.{uuid.uuid4().hex}").touch()
+    return i * i
+
+
+def executions(runs: Path) -> list[tuple[str, str]]:
+    """``(task label, "<job id>-<restart count>")`` of every execution so far."""
+    out = []
+    for p in runs.iterdir():
+        label, job, _ = p.name.split(".")
+        out.append((label, job))
+    return out
+
+
+def graph(runs: Path):
+    from runtime.delayed import delayed
+
+    return delayed(sum)([delayed(slow)(str(runs), i) for i in range(TASKS)])
+
+
+def make_cluster(tmp_path: Path, restart: str, **settings: Any) -> SlurmCluster:
+    return SlurmCluster(
+        checkpoint=tmp_path / "store",  # every computation of its clients
+        profile="slurm",  # srun: the ranks are a job step, which --signal reaches
+        python=sys.executable,
+        **settings,
+        tasks_per_node=2,  # the scheduler and one worker with one thread
+        walltime="00:01:00",
+        drain_lead="35s",  # drain 25 s into the job: mid-graph
+        restart=restart,
+        working_directory=str(tmp_path),
+        start_timeout="120s",
+        interface="lo",  # loopback only in tests
+        status_min_interval="0.5s",
+        env=[f"PYTHONPATH={Path(__file__).resolve().parents[2]}"],
+    )
+
+
+def check_resumed(runs: Path, first_job: str) -> None:
+    """The work spanned two job runs; what the first finished, the second did not redo."""
+    done = executions(runs)
+    jobs = Counter(job for _, job in done)
+    assert first_job in jobs and len(jobs) >= 2, jobs
+    assert sorted({label for label, _ in done}) == sorted(f"task-{i}" for i in range(TASKS))
+    in_first = {label for label, job in done if job == first_job}
+    counts = Counter(label for label, _ in done)
+    again = sorted(label for label in in_first if counts[label] > 1)
+    assert len(again) <= 0.1 * len(in_first), (again, jobs)
+
+
+@pytest.mark.timeout(420)
+def test_walltime_drain_resubmits_the_job_and_the_client_receives_the_result(
+    tmp_path: Path,
+) -> None:
+    from runtime.client import Client
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cluster = make_cluster(tmp_path, "resubmit")
+    with cluster, Client(cluster) as client:
+        first = cluster.cluster_job
+        assert first is not None
+        future = client.compute(graph(runs))
+        assert future.result(timeout=360) == sum(i * i for i in range(TASKS))
+        # SLURM may send the signal well before <lead> (its timer is coarse), so the
+        # work may span more than two jobs: the cluster followed the whole chain.
+        last = cluster.cluster_job
+        assert last is not None and last.job_id != first.job_id
+        info = read_scheduler_file(cluster.scheduler_file)
+        assert info["job_id"] == last.job_id and info["restarts"] >= 1
+        assert info["restart_of"] in cluster.jobs
+        ended = cluster.poller.wait([first.job_id], lambda s: s.state.is_terminal, timeout=60)
+        assert ended[first.job_id].state is JobState.COMPLETED  # it ended itself in time
+    log = Path(first.log_path or "").read_text(errors="replace")
+    assert "draining (" in log and "resubmitted: its successor is job" in log, log
+    check_resumed(runs, f"{first.job_id}-0")
+
+
+@pytest.mark.timeout(480)
+def test_walltime_drain_requeues_the_job_and_the_client_receives_the_result(
+    tmp_path: Path,
+) -> None:
+    """SLURM holds a requeued job for about two minutes before it runs again.
+
+    The ranks are started by mpiexec here, so the drain comes from HPC_JOB_DRAIN_AT
+    alone, 25 s into each run: two runs do the work.
+    """
+    from runtime.client import Client
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cluster = make_cluster(tmp_path, "requeue", mpi_launcher=MPIEXEC, mpi_args=[])
+    with cluster, Client(cluster) as client:
+        job = cluster.cluster_job
+        assert job is not None
+        future = client.compute(graph(runs))
+        assert future.result(timeout=420) == sum(i * i for i in range(TASKS))
+        assert cluster.cluster_job is not None and cluster.cluster_job.job_id == job.job_id
+        info = read_scheduler_file(cluster.scheduler_file)
+        assert info["job_id"] == job.job_id and info["restarts"] == 1
+    log = Path(job.log_path or "").read_text(errors="replace")
+    assert "draining (" in log and "requeued: its successor is job" in log, log
+    check_resumed(runs, f"{job.job_id}-0")
