@@ -164,7 +164,9 @@ class SlurmSystem(JobSystem):
     started by ``mpiexec`` run in the batch step and would not get it; they drain by
     ``HPC_JOB_DRAIN_AT`` alone). ``restart="requeue"`` adds ``--requeue``, which also lets
     SLURM requeue the job after a node failure or a preemption, and
-    ``--open-mode=append`` so that each run adds to the job's output file.
+    ``--open-mode=append`` so that each run adds to the job's output file;
+    ``restart="resubmit"`` adds ``--no-requeue``, so that after a node failure the
+    replacement comes from the cluster alone, not also from SLURM.
 
     Parameters
     ----------
@@ -214,6 +216,10 @@ class SlurmSystem(JobSystem):
             lines.append(directive("#SBATCH", "--requeue"))
             # A requeued job writes the same output file: keep the earlier runs' logs.
             lines.append(directive("#SBATCH", "--open-mode=append"))
+        elif spec.restart is RestartMode.RESUBMIT:
+            # Sites often requeue jobs after a node failure by default (JobRequeue=1);
+            # a resubmitting cluster brings the job back itself, and only once.
+            lines.append(directive("#SBATCH", "--no-requeue"))
         lines.append(directive("#SBATCH", f"--nodes={spec.nodes}"))
         lines.append(directive("#SBATCH", f"--ntasks-per-node={spec.tasks_per_node}"))
         lines.append(directive("#SBATCH", f"--cpus-per-task={spec.cores_per_task}"))

@@ -15,6 +15,7 @@ can tell which run computed what.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 
 from launchers import JobState, SlurmCluster
+from runtime import testing
 from runtime.rendezvous import read_scheduler_file
 
 pytestmark = pytest.mark.slurm
@@ -57,14 +59,14 @@ def graph(runs: Path):
 
 
 def make_cluster(tmp_path: Path, restart: str, **settings: Any) -> SlurmCluster:
+    # Drain 25 s into the job: mid-graph.
+    settings = {"walltime": "00:01:00", "drain_lead": "35s", **settings}
     return SlurmCluster(
         checkpoint=tmp_path / "store",  # every computation of its clients
         profile="slurm",  # srun: the ranks are a job step, which --signal reaches
         python=sys.executable,
         **settings,
         tasks_per_node=2,  # the scheduler and one worker with one thread
-        walltime="00:01:00",
-        drain_lead="35s",  # drain 25 s into the job: mid-graph
         restart=restart,
         working_directory=str(tmp_path),
         start_timeout="120s",
@@ -139,3 +141,62 @@ def test_walltime_drain_requeues_the_job_and_the_client_receives_the_result(
     log = Path(job.log_path or "").read_text(errors="replace")
     assert "draining (" in log and "requeued: its successor is job" in log, log
     check_resumed(runs, f"{job.job_id}-0")
+
+
+def _scontrol_node(node: str, state: str, reason: str = "") -> None:
+    argv = ["scontrol", "update", f"nodename={node}", f"state={state}"]
+    if reason:
+        argv.append(f"reason={reason}")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    # The node may be back already (ReturnToService=2 and a live slurmd): "resume" on
+    # an idle node is "Invalid node state specified".
+    if done.returncode != 0 and state != "resume":
+        raise AssertionError(f"{' '.join(argv)}: {done.stderr or done.stdout}")
+
+
+def _node_of(job_id: str) -> str:
+    out = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%N"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
+    assert out, f"job {job_id} runs on no node"
+    return out
+
+
+@pytest.mark.timeout(420)
+def test_node_failure_the_cluster_resubmits_and_the_client_receives_the_result(
+    tmp_path: Path,
+) -> None:
+    """The node of the cluster job goes DOWN under it: NODE_FAIL, no drain, no warning.
+
+    The login-node cluster sees the job end NODE_FAIL and submits a replacement; it
+    runs once the node is back. (Downing the node ends every job on it: this file runs
+    after the SLURM tests that keep a job running across tests.)
+    """
+    from runtime.client import Client
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cluster = make_cluster(tmp_path, "resubmit", walltime="00:10:00")
+    with cluster, Client(cluster) as client:
+        first = cluster.cluster_job
+        assert first is not None
+        future = client.compute(graph(runs))
+        testing.wait_until(lambda: len(executions(runs)) >= 5, "5 tasks done", 120)
+        node = _node_of(first.job_id)
+        try:
+            _scontrol_node(node, "down", "hpc-toolkit test: node failure")
+            ended = cluster.poller.wait([first.job_id], lambda s: s.state.is_terminal, timeout=120)[
+                first.job_id
+            ]
+        finally:
+            _scontrol_node(node, "resume")
+        assert ended.state is JobState.NODE_FAIL, ended
+        assert future.result(timeout=300) == sum(i * i for i in range(TASKS))
+        last = cluster.cluster_job
+        assert last is not None and last.job_id != first.job_id
+        assert read_scheduler_file(cluster.scheduler_file)["restart_of"] == first.job_id
+    check_resumed(runs, f"{first.job_id}-0")

@@ -462,6 +462,10 @@ def test_only_requeue_asks_the_system_to_allow_requeueing():
             minimal_spec(restart=mode), scheduler_file="/s"
         )
         assert "#PBS -r" not in PBSSystem().render(minimal_spec(restart=mode), scheduler_file="/s")
+    # A resubmitting job must not also be requeued by SLURM after a node failure.
+    assert "#SBATCH --no-requeue\n" in SlurmSystem().render(
+        minimal_spec(restart="resubmit"), scheduler_file="/s"
+    )
     assert "#SBATCH --requeue\n" in SlurmSystem().render(
         minimal_spec(restart="requeue"), scheduler_file="/s"
     )

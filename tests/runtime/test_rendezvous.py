@@ -191,3 +191,30 @@ def test_remove_deletes_only_a_file_that_still_names_our_address(tmp_path):
 def test_public_surface_is_sorted_and_complete():
     assert rendezvous.__all__ == sorted(rendezvous.__all__)
     assert all(hasattr(rendezvous, name) for name in rendezvous.__all__)
+
+
+def test_a_client_waits_for_a_successor_to_rewrite_the_scheduler_file(tmp_path):
+    from runtime.client import _await_scheduler_file
+
+    path = tmp_path / "scheduler.json"
+    old = write_scheduler_file(path, "tcp://127.0.0.1:1111", b"old", pid=1, started=1.0)
+    assert _await_scheduler_file(str(path), old, timeout=0.6) is None  # unchanged: not it
+
+    found: list = []
+    waiter = threading.Thread(
+        target=lambda: found.append(_await_scheduler_file(str(path), old, timeout=60))
+    )
+    waiter.start()
+    write_scheduler_file(path, "tcp://127.0.0.1:2222", b"new", pid=2, started=2.0)
+    waiter.join(timeout=60)
+    assert found and found[0]["address"] == "tcp://127.0.0.1:2222"
+    assert found[0]["secret"] == b"new"
+
+
+def test_successor_records_the_job_it_replaces(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPC_JOB_RESTART_OF", "41")
+    monkeypatch.setenv("HPC_JOB_RESTARTS", "2")
+    path = tmp_path / "scheduler.json"
+    write_scheduler_file(path, "tcp://127.0.0.1:1", b"s", job_id="42")
+    info = read_scheduler_file(path)
+    assert (info["job_id"], info["restart_of"], info["restarts"]) == ("42", "41", 2)

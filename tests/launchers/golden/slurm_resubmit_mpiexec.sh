@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 #SBATCH --job-name=hpc
 #SBATCH --time=01:00:00
+#SBATCH --no-requeue
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=2
 #SBATCH --cpus-per-task=1
