@@ -75,6 +75,8 @@ logger = logging.getLogger("launchers.cluster")
 _FILE_POLL_INTERVAL = 0.25
 # How often _await_scheduler looks for a successor's scheduler file.
 _SUCCESSOR_POLL_INTERVAL = 0.5
+# Least time between two looks for worker jobs to replace (see _keep_workers).
+_KEEPER_INTERVAL = 5.0
 _LOG_TAIL_LINES = 20
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.\-\[\]@]+$")
 
@@ -203,6 +205,13 @@ class JobQueueCluster:
         self._cluster_job: SubmittedJob | None = None
         #: Times the cluster job was requeued or replaced, as far as we know.
         self._restarts = 0
+        # Worker jobs to keep after scale(n) (None: not scaled), the worker jobs already
+        # replaced after an interrupted end, and the thread that replaces them.
+        self._worker_target: int | None = None
+        self._worker_replaced: set[str] = set()
+        self._worker_restarts = 0
+        self._keeper_stop = threading.Event()
+        self._keeper_thread: threading.Thread | None = None
         self._info: dict[str, Any] | None = None
         self._status = ClusterStatus.CREATED
         self._adaptive: Adaptive | None = None
@@ -570,6 +579,7 @@ class JobQueueCluster:
                 return
             self._status = ClusterStatus.CLOSED
         self.stop_adapt()
+        self._stop_keeper()
         with self._lock:
             ids = self._live_job_ids()
             address = self._info["address"] if self._info else None
@@ -593,6 +603,7 @@ class JobQueueCluster:
             self._live_ids.clear()
             self._status = ClusterStatus.CLOSED
         self.stop_adapt()
+        self._stop_keeper()
         return ids
 
     def __enter__(self) -> JobQueueCluster:
@@ -751,7 +762,10 @@ class JobQueueCluster:
 
         Adds worker jobs, or cancels some: queued ones first (newest first), then
         running ones (newest first), whose workers are first retired through
-        :attr:`retire_jobs` when it is set. Stops :meth:`adapt`.
+        :attr:`retire_jobs` when it is set. Stops :meth:`adapt`. With a ``restart``
+        setting, a background thread keeps the count through walltimes: a worker job
+        that ends ``TIMEOUT``, ``PREEMPTED`` or ``NODE_FAIL`` is replaced (at most
+        ``max_restarts`` times per job of the target).
 
         Raises
         ------
@@ -764,6 +778,93 @@ class JobQueueCluster:
             raise JobConfigError(f"scale(jobs=...) needs a whole number >= 0, got {jobs!r}")
         self.stop_adapt()
         self._scale_to(jobs, idle_jobs=None)
+        with self._lock:
+            self._worker_target = jobs
+        if jobs and self.spec.restart is not RestartMode.NONE:
+            self._start_keeper()
+
+    # --- keeping worker jobs through walltimes -------------------------------------
+
+    def _start_keeper(self) -> None:
+        with self._lock:
+            if self._keeper_thread is not None and self._keeper_thread.is_alive():
+                return
+            self._keeper_stop = threading.Event()
+            self._keeper_thread = threading.Thread(
+                target=self._keeper_loop,
+                args=(self._keeper_stop,),
+                name=f"{type(self).__name__}-keeper",
+                daemon=True,
+            )
+            self._keeper_thread.start()
+
+    def _stop_keeper(self) -> None:
+        thread = self._keeper_thread
+        self._keeper_stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._keeper_thread = None
+
+    def _keeper_loop(self, stop: threading.Event) -> None:
+        interval = max(self.poller.interval, _KEEPER_INTERVAL)
+        while not stop.wait(interval):
+            try:
+                self._keep_workers()
+            except Exception:  # noqa: BLE001 - try again at the next interval
+                if stop.is_set() or self._status is ClusterStatus.CLOSED:
+                    return
+                logger.exception("replacing ended worker jobs failed")
+
+    def _keep_workers(self) -> list[str]:
+        """Replace worker jobs that ended ``TIMEOUT``, ``PREEMPTED`` or ``NODE_FAIL``.
+
+        Up to the :meth:`scale` target (``adapt`` keeps its own), and at most
+        ``max_restarts`` replacements per worker job of the target. Returns the ids
+        submitted. A worker job that ended otherwise (completed, failed, cancelled) is
+        not replaced: that is not what a restart mends.
+        """
+        with self._lock:
+            target = self._worker_target
+            if (
+                self._status is ClusterStatus.CLOSED
+                or self._adaptive is not None
+                or not target
+                or self.spec.restart is RestartMode.NONE
+            ):
+                return []
+            statuses = self.poller.poll()
+            live = self.worker_jobs()
+            interrupted = [
+                j
+                for j, job in self._jobs.items()
+                if job.kind is JobKind.WORKER
+                and j not in self._worker_replaced
+                and j not in self._cancelled
+                and (st := statuses.get(j)) is not None
+                and st.state.is_interrupted
+            ]
+            submitted: list[str] = []
+            budget = self.spec.max_restarts * target - self._worker_restarts
+            for job_id in interrupted[: max(0, min(target - len(live), budget))]:
+                replacement = self._submit(JobKind.WORKER)
+                self._worker_replaced.add(job_id)
+                self._worker_restarts += 1
+                submitted.append(replacement.job_id)
+                logger.warning(
+                    "worker job %s ended (%s); submitted worker job %s in its place",
+                    job_id,
+                    _describe(statuses[job_id]),
+                    replacement.job_id,
+                )
+            if interrupted and budget <= 0:
+                logger.warning(
+                    "worker jobs %s ended and are not replaced: max_restarts (%d per job) "
+                    "is used up",
+                    ", ".join(interrupted),
+                    self.spec.max_restarts,
+                )
+                self._worker_replaced.update(interrupted)
+            return submitted
 
     def _scale_to(self, target: int, idle_jobs: Sequence[str] | None) -> None:
         """Add or cancel worker jobs; ``idle_jobs`` limits which running ones may go."""

@@ -629,3 +629,46 @@ def test_a_client_thread_waits_for_the_successor_while_the_cluster_is_used(
         cluster.close()
         waiter.join(30)
     assert sorted(system.cancel_calls[0]) == ["101", "102", "555"]
+
+
+def test_scaled_worker_jobs_that_hit_their_walltime_are_replaced(make_cluster, system, clock):
+    cluster, _ = running(make_cluster, system, clock, restart="requeue", max_restarts=1)
+    cluster._start_keeper = lambda: None  # the test calls the keeper's step itself
+    cluster.scale(2)
+    first, second = cluster.worker_jobs()
+    assert cluster._keep_workers() == []  # nothing ended
+    system.states.update({first: JobState.TIMEOUT, second: JobState.FAILED})
+    replaced = cluster._keep_workers()
+    # Only the walltime is mended by a restart; a failed job is not resubmitted.
+    assert len(replaced) == 1 and system.kinds[replaced[0]] == "worker"
+    assert sorted(cluster.worker_jobs()) == sorted([replaced[0]])
+    assert cluster._keep_workers() == []  # each ended job is replaced once
+    system.states[replaced[0]] = JobState.NODE_FAIL
+    again = cluster._keep_workers()
+    assert len(again) == 1  # max_restarts=1 per job of the target of 2: two in all
+    system.states[again[0]] = JobState.PREEMPTED
+    assert cluster._keep_workers() == []  # the budget is used up
+    cluster.close()
+
+
+def test_without_restarts_or_when_adapting_ended_workers_are_left_alone(
+    make_cluster, system, clock
+):
+    cluster, _ = running(make_cluster, system, clock)  # restart="none"
+    cluster.scale(1)
+    assert cluster._keeper_thread is None
+    (job,) = cluster.worker_jobs()
+    system.states[job] = JobState.TIMEOUT
+    assert cluster._keep_workers() == []
+    cluster.close()
+
+
+def test_the_keeper_thread_runs_while_scaled_with_restarts_and_stops_on_close(
+    make_cluster, system, clock
+):
+    cluster, _ = running(make_cluster, system, clock, restart="resubmit")
+    cluster.scale(1)
+    thread = cluster._keeper_thread
+    assert thread is not None and thread.is_alive()
+    cluster.close()
+    assert not thread.is_alive() and cluster._keeper_thread is None
