@@ -191,6 +191,52 @@ def test_flipped_payload_byte_fails_the_checksum_when_loading(tmp_path: Path, ca
     assert not store.exists(TOKEN) and Path(str(path) + ".corrupt").exists()
 
 
+def _rewrite_header(path: Path, change: Any) -> None:
+    """Rewrite a checkpoint's header (and its digest) with ``change(header, payload)``."""
+    import hashlib
+    import json
+    import struct
+
+    data = path.read_bytes()
+    magic, version, size = struct.unpack_from("<8sII", data)
+    start = struct.calcsize("<8sII")
+    header = json.loads(data[start : start + size])
+    payload = data[start + size + 16 :]
+    change(header, payload)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    digest = hashlib.blake2b(text, digest_size=16).digest()
+    path.write_bytes(struct.pack("<8sII", magic, version, len(text)) + text + digest + payload)
+
+
+def test_files_with_the_earlier_blake2b_checksum_still_load_and_are_verified(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+
+    store = CheckpointStore(tmp_path)
+    path = Path(store.save(TOKEN, list(range(1000))).path)
+
+    def earlier_format(header: dict, payload: bytes) -> None:
+        assert header.pop("checksum-algorithm") == "crc32"
+        header["checksum"] = hashlib.blake2b(payload, digest_size=32).hexdigest()
+
+    _rewrite_header(path, earlier_format)
+    assert store.load(TOKEN) == list(range(1000))
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        store.load(TOKEN)
+
+
+def test_an_unknown_checksum_algorithm_is_a_damaged_file_not_a_crash(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    path = Path(store.save(TOKEN, 7).path)
+    _rewrite_header(path, lambda header, payload: header.update({"checksum-algorithm": "md9"}))
+    with pytest.raises(CheckpointError, match="unknown checksum algorithm 'md9'"):
+        store.load(TOKEN)
+
+
 def test_damaged_header_and_foreign_files_are_not_checkpoints(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     path = Path(store.save(TOKEN, 1).path)
