@@ -2148,18 +2148,12 @@ class Client:
     def _collections_graph(
         self, colls: list, optimize: bool, fuse: bool = True
     ) -> tuple[dict, list]:
-        from runtime import graph
+        # The same graph hpc.compute builds (runtime.compute), so both paths agree.
+        from runtime.compute import _collections_to_graph, _optimize
 
-        dsk: dict = {}
-        key_lists = []
-        for c in colls:
-            dsk.update(c.__dask_graph__())
-            key_lists.append(c.__dask_keys__())
+        dsk, key_lists = _collections_to_graph(colls)
         if optimize:
-            flat = _flatten_keys(key_lists, [])
-            dsk, deps = graph.cull(dsk, flat)
-            if fuse and _config("optimization.fuse", True):
-                dsk, _ = graph.fuse_linear(dsk, flat, dependencies=deps)
+            dsk = _optimize(dsk, key_lists, fuse=fuse)
         return dict(dsk), key_lists
 
     # -- public API: the cluster -----------------------------------------------------------
