@@ -2035,7 +2035,7 @@ class Client:
             Options of the local schedulers (e.g. ``num_workers``); ignored.
         """
         flat = list(dict.fromkeys(_flatten_keys(keys, [])))
-        target = _checkpoint_target(self._checkpoint_default if checkpoint is None else checkpoint)
+        target = self._checkpoint_for(checkpoint)
         futures = self._submit_graph(
             dsk, flat, priority=priority, retries=retries, workers=workers, checkpoint=target
         )
@@ -2083,9 +2083,7 @@ class Client:
         out = list(items)
         if positions:
             colls = [items[i] for i in positions]
-            target = _checkpoint_target(
-                self._checkpoint_default if checkpoint is None else checkpoint
-            )
+            target = self._checkpoint_for(checkpoint)
             dsk, key_lists = self._collections_graph(colls, optimize_graph, target is None)
             finals = []
             for c, keys in zip(colls, key_lists, strict=True):
@@ -2131,9 +2129,7 @@ class Client:
         out = list(items)
         if positions:
             colls = [items[i] for i in positions]
-            target = _checkpoint_target(
-                self._checkpoint_default if checkpoint is None else checkpoint
-            )
+            target = self._checkpoint_for(checkpoint)
             dsk, key_lists = self._collections_graph(colls, optimize_graph, target is None)
             flat = list(dict.fromkeys(_flatten_keys(key_lists, [])))
             futures = self._submit_graph(
@@ -2144,6 +2140,10 @@ class Client:
                 rebuild, extra = c.__dask_postpersist__()
                 out[i] = rebuild({k: by_key[k] for k in _flatten_keys(keys, [])}, *extra)
         return out[0] if single else out
+
+    def _checkpoint_for(self, checkpoint: Any) -> Any:
+        """``checkpoint=`` of a computation, resolved: given, the cluster's, or config's."""
+        return _checkpoint_target(self._checkpoint_default if checkpoint is None else checkpoint)
 
     def _collections_graph(
         self, colls: list, optimize: bool, fuse: bool = True
