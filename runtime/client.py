@@ -729,7 +729,9 @@ class Client:
             if not _same_job(info):
                 # A client outside the scheduler's job may outlive it: when it drains
                 # for a restart, its successor rewrites this file.
-                self._successor = functools.partial(_await_scheduler_file, path)
+                self._successor = functools.partial(
+                    _await_scheduler_file, path, closed=self._is_closed
+                )
         elif address is None:
             from runtime.cluster import LocalCluster
 
@@ -1058,6 +1060,9 @@ class Client:
             stack.extend(d for d in replay[key][1] if d in replay and d not in seen)
         return list(seen)
 
+    def _is_closed(self) -> bool:
+        return self._status is _ClientStatus.CLOSED
+
     def _follows_restart(self) -> bool:
         """Whether to wait for a successor scheduler instead of failing every future."""
         if self._successor is None or self._status is not _ClientStatus.RUNNING:
@@ -1106,8 +1111,22 @@ class Client:
         info = None
         why = "no successor scheduler came"
         try:
+            # A daemon thread, not the loop's executor: the wait may be long, and an
+            # executor thread would hold up the interpreter's exit until it ends.
             loop = asyncio.get_running_loop()
-            info = await loop.run_in_executor(None, self._successor, previous, timeout)
+            waiting: asyncio.Future[Any] = loop.create_future()
+            successor = self._successor
+
+            def wait() -> None:
+                try:
+                    result: Any = successor(previous, timeout)
+                except BaseException as exc:  # handed to the awaiting coroutine
+                    loop.call_soon_threadsafe(_resolve_future, waiting, None, exc)
+                else:
+                    loop.call_soon_threadsafe(_resolve_future, waiting, result, None)
+
+            threading.Thread(target=wait, name=f"{self.id}-successor", daemon=True).start()
+            info = await waiting
             if info is not None:
                 self.scheduler_address = str(_info_field(info, "address"))
                 self._secret = bytes(_info_field(info, "secret"))
@@ -2348,6 +2367,15 @@ def _info_field(info: Any, name: str) -> Any:
     return getattr(info, name)
 
 
+def _resolve_future(future: Any, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 def _same_job(info: Mapping[str, Any]) -> bool:
     """Whether this process runs inside the batch job whose scheduler wrote ``info``."""
     from runtime.rendezvous import current_job_id
@@ -2357,9 +2385,15 @@ def _same_job(info: Mapping[str, Any]) -> bool:
 
 
 def _await_scheduler_file(
-    path: str, previous: Mapping[str, Any], timeout: float | None
+    path: str,
+    previous: Mapping[str, Any],
+    timeout: float | None,
+    *,
+    closed: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any] | None:
     """Wait until ``path`` names a scheduler other than ``previous``; ``None`` at the timeout.
+
+    ``closed`` ends the wait early (the client was closed meanwhile).
 
     Runs in a helper thread: it polls the file (a stat every half second) because the
     successor may start on another node, seen only through the shared filesystem.
@@ -2368,7 +2402,7 @@ def _await_scheduler_file(
     from runtime.rendezvous import read_scheduler_file
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    while deadline is None or time.monotonic() < deadline:
+    while (deadline is None or time.monotonic() < deadline) and not closed():
         if os.path.exists(path):
             try:
                 info = read_scheduler_file(path)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ import pytest
 import hpc
 from runtime import testing
 from runtime.checkpoint import CheckpointStore, identity_tokens
+from runtime.errors import SchedulerError
 from runtime.rendezvous import read_scheduler_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -454,3 +456,39 @@ def test_cluster_checkpoint_directory_is_the_default_of_its_clients(tmp_path: Pa
         assert len(finished_labels(runs)) == written
         assert c.compute(build(str(runs), ""), sync=True, checkpoint=False) == expected()
         assert len(finished_labels(runs)) == 2 * written
+
+
+class NoSuccessorYet(Successions):
+    """A cluster whose successor never comes: its wait ends only when released."""
+
+    def __init__(self, procs: Processes) -> None:
+        super().__init__(procs)
+        self.waiting = threading.Event()
+        self.release = threading.Event()
+
+    def _await_scheduler(self, previous: dict[str, Any], timeout: float | None) -> Any:
+        self.waiting.set()
+        self.release.wait(TIMEOUT)
+        return None
+
+
+@pytest.mark.timeout(120)
+def test_closing_a_client_that_waits_for_a_successor_fails_its_futures_at_once(
+    procs: Processes, tmp_path: Path
+) -> None:
+    scheduler = procs.scheduler()
+    procs.workers(1)
+    cluster = NoSuccessorYet(procs)
+    client = hpc.Client(cluster, set_as_default=False)
+    try:
+        gate = tmp_path / "gate"
+        future = client.submit(_wait_for, str(gate))
+        wait_until(lambda: client.scheduler_info()["tasks"].get("processing"), "the task")
+        scheduler.send_signal(signal.SIGKILL)
+        assert cluster.waiting.wait(TIMEOUT)
+        client.close(timeout=10)
+        with pytest.raises(SchedulerError, match="closed"):
+            future.result(timeout=10)
+    finally:
+        cluster.release.set()
+        client.close()
