@@ -438,6 +438,9 @@ class Future:
 
 _default_lock = threading.Lock()
 _default: Client | None = None
+# The last "scheduler-draining" notice any client of this process received: a batch
+# script that fails because its job drained is not a failure (runtime.mpi).
+_drain_notice: dict[str, Any] | None = None
 _current: contextvars.ContextVar[Client | None] = contextvars.ContextVar(
     "hpc_current_client", default=None
 )
@@ -956,7 +959,8 @@ class Client:
                         self._transition(st, _CANCELLED)
                         changed = True
                 elif op == "scheduler-draining":
-                    self._restart_notice = dict(msg)
+                    global _drain_notice
+                    self._restart_notice = _drain_notice = dict(msg)
                     logger.warning(
                         "the scheduler at %s is draining (%s)%s", self.scheduler_address,
                         msg.get("reason"), "; a successor will take over"

@@ -385,6 +385,25 @@ def _run_script(
             client.shutdown()
         with contextlib.suppress(Exception):
             client.close()
+    return _unless_drained(code)
+
+
+def _unless_drained(code: int) -> int:
+    """A script that failed because its job drained for a restart exits 0.
+
+    It lost its scheduler on purpose: the successor job runs it again and it resumes
+    from its checkpoints. Reporting the failure would mark the job FAILED.
+    """
+    from runtime import client
+
+    notice = client._drain_notice
+    if code != 0 and notice is not None and notice.get("restart"):
+        logger.warning(
+            "the batch script stopped (status %d) because its job drained (%s); the job "
+            "restarts (%s) and runs it again",
+            code, notice.get("reason"), notice.get("restart"),
+        )  # fmt: skip
+        return 0
     return code
 
 

@@ -176,3 +176,54 @@ def test_a_job_that_made_no_progress_is_not_restarted(
         done, _ = _serve_until_drained(env)
     assert done == [None]
     assert "no task finished" in caplog.text
+
+
+SCRIPT = """
+import sys
+from runtime.client import get_default_client
+from runtime.testing import wait_for_path
+
+client = get_default_client()
+print("result", client.submit(wait_for_path, sys.argv[1], 60).result())
+"""
+
+
+@pytest.mark.parametrize(("restart", "status"), [("resubmit", 0), (None, 1)])
+def test_a_batch_script_stopped_by_a_drain_for_a_restart_is_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restart: str | None, status: int
+) -> None:
+    import sys
+    import threading
+
+    from runtime import client as client_module
+    from runtime import ioloop, mpi, testing
+    from runtime.cluster import LocalCluster
+
+    monkeypatch.setattr(client_module, "_drain_notice", None)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("HPC_SCHEDULER_FILE", "")
+    script, gate = tmp_path / "job.py", tmp_path / "gate"
+    script.write_text(SCRIPT)
+    with LocalCluster(n_workers=1, threads_per_worker=1) as cluster:
+        scheduler = cluster._state["scheduler"]
+
+        def drain_when_running() -> None:
+            testing.wait_until(lambda: scheduler.state.processing_count() == 1, "the task")
+            ioloop.run_sync(scheduler.drain("test", timeout=0, restart=restart))
+            ioloop.run_sync(scheduler.close("drained"))
+
+        drainer = threading.Thread(target=drain_when_running)
+        drainer.start()
+        try:
+            code = mpi._run_script(
+                [str(script), str(gate)],
+                cluster.scheduler_address,
+                cluster.secret,
+                cluster.scheduler_file,
+                1,
+            )
+        finally:
+            gate.touch()
+            drainer.join(timeout=60)
+    assert code == status
