@@ -206,6 +206,9 @@ def _config(name: str) -> Any:
 # ----------------------------------------------------------------------------- records
 
 
+#: Graphs with at least this many tasks have their checkpoints looked up in threads.
+_LOOKUP_AHEAD_TASKS = 32
+
 #: Up to this many idle workers, root tasks go to the least occupied one.
 _LEAST_OCCUPIED_SCAN = 64
 
@@ -539,6 +542,8 @@ class SchedulerState:
         self.default_retries = int(default_retries)
         self.validating = validate
         self.checkpoint_lookup = checkpoint_lookup
+        # Answers looked up ahead, off the event loop (see prime_checkpoints).
+        self._primed: dict[tuple[str, str], bool] = {}
         # Set by the first graph with checkpoints: only then do placement decisions
         # look for inputs held by the checkpoint store alone.
         self._checkpointing = False
@@ -2037,9 +2042,25 @@ class SchedulerState:
             if ts is not None and ts.checkpoint is None and ts.payload is not None:
                 ts.checkpoint = (directory, str(token))
 
+    def prime_checkpoints(self, answers: Mapping[tuple[str, str], bool]) -> None:
+        """Use these lookups (``{(directory, token): stored}``) until :meth:`unprime`.
+
+        The scheduler looks up a large graph's checkpoints in threads before it
+        applies the graph, so the state machine does not wait on the filesystem.
+        """
+        self._primed = dict(answers)
+
+    def unprime(self) -> None:
+        """Forget primed lookups: later ones ask the filesystem again."""
+        self._primed = {}
+
     def _lookup(self, ts: TaskRecord) -> bool:
         """Whether the checkpoint of ``ts`` exists (and so it need not be computed)."""
         assert ts.checkpoint is not None
+        primed = self._primed.pop(ts.checkpoint, None) if self._primed else None
+        if primed is not None:
+            ts.stored = True if primed else None
+            return primed
         lookup = self.checkpoint_lookup
         if lookup is None:
             from runtime.checkpoint import stored
@@ -2643,6 +2664,41 @@ class Scheduler:
 
     async def _client_batch(self, client: str, msgs: list[Any], stream: Any) -> bool:
         """Apply one batch from a client; False when the client is done (closed/shutdown)."""
+        primed = await self._look_up_checkpoints(msgs)
+        try:
+            return await self._apply_client_batch(client, msgs, stream)
+        finally:
+            if primed:
+                self.state.unprime()
+
+    async def _look_up_checkpoints(self, msgs: list[Any]) -> bool:
+        """Look up the checkpoints of large graphs in threads; whether any were primed."""
+        graphs = [
+            m
+            for m in msgs
+            if m.get("op") == _UPDATE_GRAPH
+            and m.get("checkpoint")
+            and len(m.get("tasks") or ()) >= _LOOKUP_AHEAD_TASKS
+        ]
+        if not graphs:
+            return False
+        from runtime.checkpoint import lookup_ahead
+
+        loop = asyncio.get_running_loop()
+        answers: dict[tuple[str, str], bool] = {}
+        for msg in graphs:
+            try:
+                answers.update(
+                    await loop.run_in_executor(
+                        None, lookup_ahead, msg, self.state.checkpoint_lookup
+                    )
+                )
+            except Exception:  # the state looks them up itself, one by one
+                logger.exception("looking up checkpoints ahead failed")
+        self.state.prime_checkpoints(answers)
+        return True
+
+    async def _apply_client_batch(self, client: str, msgs: list[Any], stream: Any) -> bool:
         chunk: list[Any] = []
         for msg in msgs:
             op = msg.get("op")

@@ -250,3 +250,79 @@ def test_a_wanted_task_whose_worker_died_after_writing_its_checkpoint_is_loaded(
     assert computes(out)["b"]["load"] is True
     assert state.tasks["a"].state is TaskState.RELEASED  # freed: b does not need it
     state.validate()
+
+
+# ------------------------------------------------------- looking up ahead, in threads
+
+
+def graph_message(graph: Mapping[str, Iterable[str]], keys: Iterable[str]) -> dict:
+    return {
+        "op": "update-graph",
+        "tasks": {k: [k.encode()] for k in graph},
+        "dependencies": {k: list(d) for k, d in graph.items() if d},
+        "keys": list(keys),
+        "checkpoint": {"directory": DIR, "tokens": {k: tok(k) for k in graph}},
+    }
+
+
+def test_lookup_ahead_walks_like_the_scheduler_does() -> None:
+    from runtime.checkpoint import lookup_ahead
+
+    # e is missing, c is stored: d and c are looked up, but not c's inputs a and b.
+    store = Store({tok("c")})
+    answers = lookup_ahead(graph_message(TREE, ["e"]), store)
+    assert answers == {(DIR, tok("e")): False, (DIR, tok("c")): True, (DIR, tok("d")): False}
+    # The state asks about the same checkpoints, and not the filesystem again.
+    state = make_state(Store(), W1)
+    state.prime_checkpoints(answers)
+    out = submit(state, TREE, ["e"])
+    state.unprime()
+    assert sorted(computes(out)) == ["d"]  # c is loaded later, by e's worker
+    assert state.tasks["c"].stored is True
+    assert state.checkpoint_lookup.lookups == []  # type: ignore[union-attr]
+
+
+def test_a_large_graph_is_looked_up_off_the_event_loop() -> None:
+    import asyncio
+    import threading
+
+    from runtime.scheduler import Scheduler
+
+    asked_in: set[int] = set()
+
+    def lookup(directory: str, token: str) -> bool:
+        asked_in.add(threading.get_ident())
+        return token == tok("leaf-3")
+
+    leaves = {f"leaf-{i}": [] for i in range(40)}
+    graph = {**leaves, "total": list(leaves)}
+
+    async def scenario() -> dict:
+        async with Scheduler(host="127.0.0.1", validate=True) as s:
+            s.state.checkpoint_lookup = lookup
+            await s._client_batch(C, [graph_message(graph, ["total"])], None)
+            assert not s.state._primed  # used, then forgotten
+            return {k: ts.stored for k, ts in s.state.tasks.items()}
+
+    stored = asyncio.run(scenario())  # the loop runs in this thread
+    assert asked_in and threading.get_ident() not in asked_in
+    assert stored["leaf-3"] is True and stored["leaf-4"] is None
+
+
+def test_slow_lookups_overlap_in_threads() -> None:
+    import threading
+    import time
+
+    from runtime.checkpoint import lookup_ahead
+
+    names: set[str] = set()
+
+    def slow(directory: str, token: str) -> bool:
+        names.add(threading.current_thread().name)
+        time.sleep(0.002)  # the model of a metadata round trip, not synchronisation
+        return False
+
+    leaves = {f"leaf-{i}": [] for i in range(40)}
+    answers = lookup_ahead(graph_message({**leaves, "total": list(leaves)}, ["total"]), slow)
+    assert len(answers) == 41 and not any(answers.values())
+    assert any(name.startswith("hpc-checkpoint-lookup") for name in names)
