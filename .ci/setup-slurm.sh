@@ -108,8 +108,13 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
+# Jobs of the 'urgent' partition preempt (cancel) those of 'debug': how the tests
+# get a real PREEMPTED job.
+PreemptType=preempt/partition_prio
+PreemptMode=CANCEL
 $node_line
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
+PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8 PriorityTier=1
+PartitionName=urgent Nodes=$node MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2
 EOF
 )
 
@@ -182,5 +187,5 @@ while :; do
     sleep 0.5
 done
 
-say "SLURM is up: node $node is $state; partition debug"
+say "SLURM is up: node $node is $state; partitions debug and urgent (preempts debug)"
 sinfo >&2

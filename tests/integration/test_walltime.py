@@ -6,7 +6,9 @@ tasks, lets the running ones finish - their checkpoints are written - and the jo
 restarts: it submits its successor (``resubmit``) or SLURM runs it again
 (``requeue``). The Client on this "login node" keeps waiting on its future, follows
 the cluster to the successor's scheduler, sends its graph again, and receives the
-result; tasks finished in the first job are loaded, not computed again.
+result; tasks finished in the first job are loaded, not computed again. A node
+failure (the node set DOWN) and a preemption (a job of a higher partition tier) are
+met the same way: the cluster on the login node submits the replacement.
 
 Each task leaves a marker named after the job (and restart) that ran it, so the test
 can tell which run computed what.
@@ -196,6 +198,45 @@ def test_node_failure_the_cluster_resubmits_and_the_client_receives_the_result(
             _scontrol_node(node, "resume")
         assert ended.state is JobState.NODE_FAIL, ended
         assert future.result(timeout=300) == sum(i * i for i in range(TASKS))
+        last = cluster.cluster_job
+        assert last is not None and last.job_id != first.job_id
+        assert read_scheduler_file(cluster.scheduler_file)["restart_of"] == first.job_id
+    check_resumed(runs, f"{first.job_id}-0")
+
+
+@pytest.mark.timeout(420)
+def test_preemption_the_cluster_resubmits_and_the_client_receives_the_result(
+    tmp_path: Path,
+) -> None:
+    """A job of the higher-tier 'urgent' partition (see .ci/setup-slurm.sh) needs the
+    whole node: SLURM cancels the cluster job as PREEMPTED; the login-node cluster
+    submits a replacement, which runs once the urgent job is done."""
+    from runtime.client import Client
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cluster = make_cluster(tmp_path, "resubmit", walltime="00:10:00")
+    with cluster, Client(cluster) as client:
+        first = cluster.cluster_job
+        assert first is not None
+        future = client.compute(graph(runs))
+        testing.wait_until(lambda: len(executions(runs)) >= 5, "5 tasks done", 120)
+        urgent = subprocess.run(
+            ["sbatch", "--parsable", "-p", "urgent", "--exclusive", "-N1"]
+            + [f"--output={tmp_path}/urgent-%j.out", "--wrap", "sleep 2"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        try:
+            ended = cluster.poller.wait([first.job_id], lambda s: s.state.is_terminal, timeout=120)[
+                first.job_id
+            ]
+            assert ended.state is JobState.PREEMPTED, ended
+            assert future.result(timeout=300) == sum(i * i for i in range(TASKS))
+        finally:
+            subprocess.run(["scancel", urgent], capture_output=True, timeout=30, check=False)
         last = cluster.cluster_job
         assert last is not None and last.job_id != first.job_id
         assert read_scheduler_file(cluster.scheduler_file)["restart_of"] == first.job_id
