@@ -204,8 +204,10 @@ class JobEnvironment:
         """Requeue this job or submit its successor; return the successor's job id.
 
         The id is also written to :func:`successor_path` beside the scheduler file, so
-        the login node adopts the successor instead of submitting one itself. Returns
-        ``None`` (and logs why) when the job is not to restart or the command failed.
+        the login node adopts the successor instead of submitting one itself. A
+        requeue that is refused (an operator's privilege on some PBS sites) falls back
+        to submitting the script again. Returns ``None`` (and logs why) when the job
+        is not to restart or the commands failed.
         """
         refusal = self.restart_refusal()
         if refusal is not None:
@@ -229,6 +231,12 @@ class JobEnvironment:
                 self.job_id, self.restart, " ".join(command), done.returncode,
                 (done.stderr or done.stdout).strip(),
             )  # fmt: skip
+            if self.restart == "requeue" and self.script:
+                # Requeueing may be an operator's privilege (PBS Pro's qrerun) or off
+                # at the site; a successor job does the same work.
+                logger.warning("job %s submits its successor instead", self.job_id)
+                resubmit = dataclasses.replace(self, restart="resubmit")
+                return resubmit.restart_job(scheduler_file, run=run)
             return None
         if self.restart == "requeue":
             successor = str(self.job_id)

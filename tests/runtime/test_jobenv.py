@@ -117,12 +117,33 @@ def test_resubmission_records_the_successor_beside_the_scheduler_file(tmp_path: 
     assert Path(successor_path(tmp_path / "s.json")).read_text().strip() == "78"
 
 
-def test_failed_requeue_leaves_no_successor_record(tmp_path: Path) -> None:
-    env = JobEnvironment.from_environ({**SLURM, "HPC_JOB_RESTART": "requeue"})
+def test_failed_requeue_without_a_script_leaves_no_successor_record(tmp_path: Path) -> None:
+    env = JobEnvironment.from_environ({"SLURM_JOB_ID": "77", "HPC_JOB_RESTART": "requeue"})
     run = _completed(1, err="Requested operation is presently disabled")
     assert env.restart_job(tmp_path / "s.json", run=run) is None
     assert run.calls == [["scontrol", "requeue", "77"]]
     assert not Path(successor_path(tmp_path / "s.json")).exists()
+
+
+def test_a_refused_requeue_falls_back_to_submitting_the_script(tmp_path: Path) -> None:
+    env = JobEnvironment.from_environ(
+        {"PBS_JOBID": "12.pbs", "HPC_JOB_SCRIPT": "/s.sh", "HPC_JOB_RESTART": "requeue"}
+    )
+    answers = iter(
+        [
+            subprocess.CompletedProcess([], 159, "", "qrerun: Unauthorized Request"),
+            subprocess.CompletedProcess([], 0, "13.pbs\n", ""),
+        ]
+    )
+    calls: list[list[str]] = []
+
+    def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        calls.append(command)
+        return next(answers)
+
+    assert env.restart_job(tmp_path / "s.json", run=run) == "13.pbs"
+    assert [c[0] for c in calls] == ["qrerun", "qsub"]
+    assert Path(successor_path(tmp_path / "s.json")).read_text().strip() == "13.pbs"
 
 
 def test_a_missing_batch_command_is_a_logged_refusal(tmp_path: Path) -> None:
