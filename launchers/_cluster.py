@@ -75,6 +75,10 @@ logger = logging.getLogger("launchers.cluster")
 _FILE_POLL_INTERVAL = 0.25
 # How often _await_scheduler looks for a successor's scheduler file.
 _SUCCESSOR_POLL_INTERVAL = 0.5
+# Workers of a restarting cluster wait this long for a successor scheduler when the
+# cluster's start-timeout is unlimited.
+_DEATH_TIMEOUT_VARIABLE = "HPC_DISTRIBUTED__WORKER__DEATH_TIMEOUT"
+_RESTART_DEATH_TIMEOUT = 3600.0
 # Least time between two looks for worker jobs to replace (see _keep_workers).
 _KEEPER_INTERVAL = 5.0
 _LOG_TAIL_LINES = 20
@@ -197,6 +201,15 @@ class JobQueueCluster:
             else os.path.join(spec.log_directory, f"scheduler-{new_token()}.json")
         )
         self.start_timeout: float | None = resolved.seconds("cluster", "start-timeout")
+        if spec.restart is not RestartMode.NONE and not any(
+            name == _DEATH_TIMEOUT_VARIABLE for name, _ in spec.env
+        ):
+            # Workers outlive a restarting scheduler only if they wait for its
+            # successor (requeued jobs are held about two minutes, and then queue):
+            # as long as a cluster start may take, not the default minute.
+            wait = max(self.start_timeout or _RESTART_DEATH_TIMEOUT, 60.0)
+            env = [f"{k}={v}" for k, v in spec.env]
+            spec.update({"env": [*env, f"{_DEATH_TIMEOUT_VARIABLE}={wait:g}s"]})
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.RLock()

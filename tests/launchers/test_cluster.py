@@ -672,3 +672,13 @@ def test_the_keeper_thread_runs_while_scaled_with_restarts_and_stops_on_close(
     assert thread is not None and thread.is_alive()
     cluster.close()
     assert not thread.is_alive() and cluster._keeper_thread is None
+
+
+def test_workers_of_a_restarting_cluster_wait_as_long_as_a_start_may_take(make_cluster):
+    variable = "HPC_DISTRIBUTED__WORKER__DEATH_TIMEOUT"
+    restarting = make_cluster(restart="requeue", start_timeout="15min")
+    assert f"export {variable}=900s" in restarting.job_script("worker")
+    assert variable not in make_cluster().job_script("worker")  # no restarts: the default
+    mine = make_cluster(restart="resubmit", env=[f"{variable}=2h"])
+    assert f"export {variable}=2h" in mine.job_script("worker")
+    assert "900s" not in mine.job_script("worker")
