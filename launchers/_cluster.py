@@ -201,15 +201,6 @@ class JobQueueCluster:
             else os.path.join(spec.log_directory, f"scheduler-{new_token()}.json")
         )
         self.start_timeout: float | None = resolved.seconds("cluster", "start-timeout")
-        if spec.restart is not RestartMode.NONE and not any(
-            name == _DEATH_TIMEOUT_VARIABLE for name, _ in spec.env
-        ):
-            # Workers outlive a restarting scheduler only if they wait for its
-            # successor (requeued jobs are held about two minutes, and then queue):
-            # as long as a cluster start may take, not the default minute.
-            wait = max(self.start_timeout or _RESTART_DEATH_TIMEOUT, 60.0)
-            env = [f"{k}={v}" for k, v in spec.env]
-            spec.update({"env": [*env, f"{_DEATH_TIMEOUT_VARIABLE}={wait:g}s"]})
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.RLock()
@@ -252,7 +243,7 @@ class JobQueueCluster:
     ) -> str:
         """Return the script a job of ``kind`` (``"cluster"`` or ``"worker"``) would run."""
         return self.system.render(
-            self.spec,
+            self._spec_for(JobKind(kind)),
             JobKind(kind),
             scheduler_file=self._scheduler_file,
             script=os.path.abspath(script) if script else None,
@@ -730,9 +721,27 @@ class JobQueueCluster:
         statuses = self.poller.statuses()
         return [j for j in self._jobs if self._is_live(j, statuses.get(j))]
 
+    def _spec_for(self, kind: JobKind) -> JobSpec:
+        """The spec a job of ``kind`` is written from.
+
+        Worker jobs of a restarting cluster wait for a successor scheduler as long as a
+        cluster start may take (requeued jobs are held about two minutes, and then
+        queue), not the default minute - unless ``env`` sets the death-timeout.
+        """
+        spec = self.spec
+        if (
+            kind is not JobKind.WORKER
+            or spec.restart is RestartMode.NONE
+            or any(name == _DEATH_TIMEOUT_VARIABLE for name, _ in spec.env)
+        ):
+            return spec
+        wait = max(self.start_timeout or _RESTART_DEATH_TIMEOUT, 60.0)
+        env = [f"{k}={v}" for k, v in spec.env]
+        return spec.replace(env=[*env, f"{_DEATH_TIMEOUT_VARIABLE}={wait:g}s"])
+
     def _submit(self, kind: JobKind, variables: Mapping[str, str] | None = None) -> SubmittedJob:
         job = self.system.submit_job(
-            self.spec, kind, scheduler_file=self._scheduler_file, variables=variables
+            self._spec_for(kind), kind, scheduler_file=self._scheduler_file, variables=variables
         )
         self._track(job)
         logger.info("submitted %s job %s (%s)", kind.value, job.job_id, job.script_path)

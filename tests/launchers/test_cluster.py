@@ -678,6 +678,8 @@ def test_workers_of_a_restarting_cluster_wait_as_long_as_a_start_may_take(make_c
     variable = "HPC_DISTRIBUTED__WORKER__DEATH_TIMEOUT"
     restarting = make_cluster(restart="requeue", start_timeout="15min")
     assert f"export {variable}=900s" in restarting.job_script("worker")
+    # The cluster job's own workers end with its scheduler: they keep the default.
+    assert variable not in restarting.job_script("cluster")
     assert variable not in make_cluster().job_script("worker")  # no restarts: the default
     mine = make_cluster(restart="resubmit", env=[f"{variable}=2h"])
     assert f"export {variable}=2h" in mine.job_script("worker")
