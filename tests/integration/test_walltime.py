@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,27 +157,42 @@ def _scontrol_node(node: str, state: str, reason: str = "") -> None:
         raise AssertionError(f"{' '.join(argv)}: {done.stderr or done.stdout}")
 
 
-def _node_of(job_id: str) -> str:
-    out = subprocess.run(
-        ["squeue", "-h", "-j", job_id, "-o", "%N"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    ).stdout.strip()
-    assert out, f"job {job_id} runs on no node"
-    return out
+def _output(argv: list[str]) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
 
 
+def fail_the_node(job_id: str, tmp_path: Path) -> Callable[[], None]:
+    """Set the job's node DOWN (its jobs end NODE_FAIL); return what brings it back."""
+    node = _output(["squeue", "-h", "-j", job_id, "-o", "%N"]).strip()
+    assert node, f"job {job_id} runs on no node"
+    _scontrol_node(node, "down", "hpc-toolkit test: node failure")
+    return lambda: _scontrol_node(node, "resume")
+
+
+def preempt(job_id: str, tmp_path: Path) -> Callable[[], None]:
+    """Start an exclusive job in the higher-tier 'urgent' partition (.ci/setup-slurm.sh)."""
+    argv = ["sbatch", "--parsable", "-p", "urgent", "--exclusive", "-N1"]
+    argv += [f"--output={tmp_path}/urgent-%j.out", "--wrap", "sleep 2"]
+    urgent = _output(argv).strip()
+    return lambda: subprocess.run(["scancel", urgent], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "state"),
+    [(fail_the_node, JobState.NODE_FAIL), (preempt, JobState.PREEMPTED)],
+    ids=["node-failure", "preemption"],
+)
 @pytest.mark.timeout(420)
-def test_node_failure_the_cluster_resubmits_and_the_client_receives_the_result(
-    tmp_path: Path,
+def test_interrupted_cluster_job_is_resubmitted_and_the_client_receives_the_result(
+    tmp_path: Path, interrupt: Callable[[str, Path], Callable[[], None]], state: JobState
 ) -> None:
-    """The node of the cluster job goes DOWN under it: NODE_FAIL, no drain, no warning.
+    """The cluster job ends with no drain and no warning; the login node replaces it.
 
-    The login-node cluster sees the job end NODE_FAIL and submits a replacement; it
-    runs once the node is back. (Downing the node ends every job on it: this file runs
-    after the SLURM tests that keep a job running across tests.)
+    A node failure sets the job's node DOWN; a preemption starts a job of a higher
+    partition tier that needs the whole node. Either way the job ends (NODE_FAIL,
+    PREEMPTED), the cluster on this "login node" submits a replacement, which runs once
+    the node is free, and the Client follows it. (Both end every job on the node: this
+    file runs after the SLURM tests that keep a job running across tests.)
     """
     from runtime.client import Client
 
@@ -188,55 +204,13 @@ def test_node_failure_the_cluster_resubmits_and_the_client_receives_the_result(
         assert first is not None
         future = client.compute(graph(runs))
         testing.wait_until(lambda: len(executions(runs)) >= 5, "5 tasks done", 120)
-        node = _node_of(first.job_id)
+        restore = interrupt(first.job_id, tmp_path)
         try:
-            _scontrol_node(node, "down", "hpc-toolkit test: node failure")
-            ended = cluster.poller.wait([first.job_id], lambda s: s.state.is_terminal, timeout=120)[
-                first.job_id
-            ]
+            done = cluster.poller.wait([first.job_id], lambda s: s.state.is_terminal, timeout=120)
         finally:
-            _scontrol_node(node, "resume")
-        assert ended.state is JobState.NODE_FAIL, ended
+            restore()
+        assert done[first.job_id].state is state, done
         assert future.result(timeout=300) == sum(i * i for i in range(TASKS))
-        last = cluster.cluster_job
-        assert last is not None and last.job_id != first.job_id
-        assert read_scheduler_file(cluster.scheduler_file)["restart_of"] == first.job_id
-    check_resumed(runs, f"{first.job_id}-0")
-
-
-@pytest.mark.timeout(420)
-def test_preemption_the_cluster_resubmits_and_the_client_receives_the_result(
-    tmp_path: Path,
-) -> None:
-    """A job of the higher-tier 'urgent' partition (see .ci/setup-slurm.sh) needs the
-    whole node: SLURM cancels the cluster job as PREEMPTED; the login-node cluster
-    submits a replacement, which runs once the urgent job is done."""
-    from runtime.client import Client
-
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    cluster = make_cluster(tmp_path, "resubmit", walltime="00:10:00")
-    with cluster, Client(cluster) as client:
-        first = cluster.cluster_job
-        assert first is not None
-        future = client.compute(graph(runs))
-        testing.wait_until(lambda: len(executions(runs)) >= 5, "5 tasks done", 120)
-        urgent = subprocess.run(
-            ["sbatch", "--parsable", "-p", "urgent", "--exclusive", "-N1"]
-            + [f"--output={tmp_path}/urgent-%j.out", "--wrap", "sleep 2"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.strip()
-        try:
-            ended = cluster.poller.wait([first.job_id], lambda s: s.state.is_terminal, timeout=120)[
-                first.job_id
-            ]
-            assert ended.state is JobState.PREEMPTED, ended
-            assert future.result(timeout=300) == sum(i * i for i in range(TASKS))
-        finally:
-            subprocess.run(["scancel", urgent], capture_output=True, timeout=30, check=False)
         last = cluster.cluster_job
         assert last is not None and last.job_id != first.job_id
         assert read_scheduler_file(cluster.scheduler_file)["restart_of"] == first.job_id
