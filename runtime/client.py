@@ -105,6 +105,9 @@ _DEFAULT_CONNECT_TIMEOUT = 30.0  # when distributed.comm.connect-timeout is not 
 # How long gather waits for a lost result to be recomputed and reported again before
 # it gives up on fetching it.
 _REFETCH_TIMEOUT = 60.0
+# After an unannounced disconnect, how long the client tries the same scheduler again
+# before it waits for a successor.
+_SAME_SCHEDULER_TIMEOUT = 3.0
 _FETCH_ATTEMPTS = 5
 # Seconds releases of dropped futures wait, to leave in one message with later ones.
 _RELEASE_DELAY = 0.01
@@ -770,7 +773,7 @@ class Client:
                 ) from None
         return str(address), bytes(secret)
 
-    async def _connect(self) -> None:
+    async def _connect(self, timeout: float | None = None) -> None:
         import asyncio
 
         from runtime import comm, protocol
@@ -778,7 +781,7 @@ class Client:
         conn = await comm.connect(
             self.scheduler_address,
             self._secret,
-            timeout=self._timeout,
+            timeout=self._timeout if timeout is None else timeout,
             role=protocol.Role.CLIENT,
             hello={"client": self.id},
         )
@@ -832,8 +835,9 @@ class Client:
                 "client %s lost its connection to the scheduler at %s: %r",
                 self.id, self.scheduler_address, err,
             )  # fmt: skip
-            if self._follows_restart():
-                self._start_reconnect(err)
+            plan = self._reconnect_plan()
+            if plan is not None:
+                self._start_reconnect(err, plan)
                 return
             self._status = _ClientStatus.CLOSED
             _unset_default(self)
@@ -1067,16 +1071,22 @@ class Client:
     def _is_closed(self) -> bool:
         return self._status is _ClientStatus.CLOSED
 
-    def _follows_restart(self) -> bool:
-        """Whether to wait for a successor scheduler instead of failing every future."""
-        if self._successor is None or self._status is not _ClientStatus.RUNNING:
-            return False
-        if self._cluster is not None:
-            return True  # the cluster knows whether its job comes back
-        notice = self._restart_notice
-        return bool(notice and notice.get("restart"))
+    def _reconnect_plan(self) -> str | None:
+        """What to do when the scheduler connection is lost, instead of failing at once.
 
-    def _start_reconnect(self, err: BaseException) -> None:
+        ``"successor"``: wait for the scheduler that takes over (a job-queue cluster
+        knows whether one comes; a scheduler file, when the scheduler said so);
+        ``"same"``: only try the same scheduler again (the connection may merely have
+        broken); ``None``: fail every future now (no record of the graphs to resend).
+        """
+        if self._successor is None or self._status is not _ClientStatus.RUNNING:
+            return None
+        notice = self._restart_notice
+        if self._cluster is not None or (notice and notice.get("restart")):
+            return "successor"
+        return None if notice else "same"
+
+    def _start_reconnect(self, err: BaseException, plan: str) -> None:
         import asyncio
 
         self._reconnecting = True
@@ -1099,9 +1109,9 @@ class Client:
                     st.workers = None
                     st.version += 1
             self._cond.notify_all()
-        asyncio.ensure_future(self._reconnect(err))
+        asyncio.ensure_future(self._reconnect(err, plan))
 
-    async def _reconnect(self, err: BaseException) -> None:
+    async def _reconnect(self, err: BaseException, plan: str) -> None:
         import asyncio
 
         configured = _config("distributed.client.reconnect-timeout", None)
@@ -1112,8 +1122,23 @@ class Client:
             self.id, "forever" if timeout is None else f"{timeout:g} s", self.scheduler_address,
         )  # fmt: skip
         assert self._successor is not None
-        info = None
+        info: Any = None
         why = "no successor scheduler came"
+        if self._restart_notice is None:
+            # Not a drain: maybe the connection broke and the scheduler is still there
+            # (it keeps this client's work for its grace period).
+            try:
+                await self._connect(timeout=_SAME_SCHEDULER_TIMEOUT)
+            except Exception as exc:  # gone: wait for a successor
+                logger.info("client %s: the scheduler is gone (%r)", self.id, exc)
+                why = f"it did not answer again ({exc!r})"
+            else:
+                logger.warning("client %s reconnected to %s", self.id, self.scheduler_address)
+                self._resume_after_reconnect()
+                return
+        if plan == "same":
+            self._fail_reconnect(err, why)
+            return
         try:
             # A daemon thread, not the loop's executor: the wait may be long, and an
             # executor thread would hold up the interpreter's exit until it ends.
@@ -1141,24 +1166,30 @@ class Client:
             info = None
             why = f"could not connect to the successor scheduler: {exc!r}"
         if info is None or self._status is not _ClientStatus.RUNNING:
-            self._reconnecting = False
-            if self._status is _ClientStatus.RUNNING:
-                self._status = _ClientStatus.CLOSED
-                _unset_default(self)
-            lost = SchedulerError(
-                f"lost the connection to the scheduler at {self.scheduler_address} ({err!r}) "
-                f"and {why}; results held on the cluster are gone: create a new Client "
-                "(with checkpoint=DIR, finished tasks are loaded from their checkpoints)"
-            )
-            self._fail_all(lost)
-            self._fail_requests(lost)
+            self._fail_reconnect(err, why)
             return
         logger.warning("client %s reconnected to %s", self.id, self.scheduler_address)
+        self._resume_after_reconnect()
+
+    def _fail_reconnect(self, err: BaseException, why: str) -> None:
+        self._reconnecting = False
+        if self._status is _ClientStatus.RUNNING:
+            self._status = _ClientStatus.CLOSED
+            _unset_default(self)
+        lost = SchedulerError(
+            f"lost the connection to the scheduler at {self.scheduler_address} ({err!r}) "
+            f"and {why}; results held on the cluster are gone: create a new Client "
+            "(with checkpoint=DIR, finished tasks are loaded from their checkpoints)"
+        )
+        self._fail_all(lost)
+        self._fail_requests(lost)
+
+    def _resume_after_reconnect(self) -> None:
         try:
             self._send_replay()
         except Exception as exc:  # a bug here must not leave every future waiting
             logger.exception("client %s could not send its graphs again", self.id)
-            self._fail_all(SchedulerError(f"could not resubmit to the successor: {exc!r}"))
+            self._fail_all(SchedulerError(f"could not resubmit to the scheduler: {exc!r}"))
         finally:
             self._reconnecting = False
             self._flush()

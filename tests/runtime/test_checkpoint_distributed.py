@@ -492,3 +492,38 @@ def test_closing_a_client_that_waits_for_a_successor_fails_its_futures_at_once(
     finally:
         cluster.release.set()
         client.close()
+
+
+def counted(runs: str, gate: str) -> int:
+    """A task that waits for ``gate`` and leaves a marker per execution."""
+    _wait_for(gate)
+    _finished(runs, "counted")
+    return 42
+
+
+def test_a_broken_connection_to_a_live_scheduler_is_mended_without_losing_work(
+    tmp_path: Path,
+) -> None:
+    from runtime import ioloop
+
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    runs.mkdir()
+    with hpc.LocalCluster(n_workers=1, threads_per_worker=1) as cluster:
+        scheduler = cluster._state["scheduler"]
+        client = hpc.Client(scheduler_file=cluster.scheduler_file, set_as_default=False)
+        try:
+            future = client.submit(counted, str(runs), str(gate))
+            wait_until(lambda: scheduler.state.processing_count() == 1, "the task to start")
+
+            async def break_connection() -> None:
+                scheduler._comms[client.id].abort()
+
+            old = client._comm
+            ioloop.run_sync(break_connection())
+            wait_until(lambda: client._comm not in (None, old), "the client to reconnect")
+            gate.touch()
+            assert future.result(timeout=TIMEOUT) == 42
+            assert client.id in scheduler.state.clients and not scheduler._orphans
+        finally:
+            client.close()
+    assert finished_labels(runs) == ["counted"]  # computed once: the work was kept
