@@ -318,6 +318,11 @@ class DrainGuard:
 
             signal.signal(sig, on_signal)
 
+    @property
+    def started(self) -> bool:
+        """Whether a drain has started."""
+        return self._task is not None
+
     async def finished(self) -> None:
         """Wait for a drain that started (and the restart after it) to end."""
         if self._task is not None:

@@ -337,10 +337,15 @@ def _run_script_beside_scheduler(args: argparse.Namespace, comm: Any) -> int:
         sys.stderr.flush()
         os._exit(0)
 
-    DrainGuard(scheduler, on_done=drained).install(ioloop.get_loop())
+    guard = DrainGuard(scheduler, on_done=drained)
+    guard.install(ioloop.get_loop())
     try:
         return _run_script(args.script, scheduler.address, scheduler.secret, args.scheduler_file, 1)
     finally:
+        if guard.started:
+            # The script stopped because the job drains: let the drain restart the
+            # job (it ends this process when done) rather than cut it short.
+            ioloop.run_sync(guard.finished(), timeout=None)
         ioloop.run_sync(scheduler.close("batch script finished"), timeout=30)
 
 

@@ -215,3 +215,52 @@ def test_interrupted_cluster_job_is_resubmitted_and_the_client_receives_the_resu
         assert last is not None and last.job_id != first.job_id
         assert read_scheduler_file(cluster.scheduler_file)["restart_of"] == first.job_id
     check_resumed(runs, f"{first.job_id}-0")
+
+
+BATCH_SCRIPT = """
+import os, sys, time, uuid
+from pathlib import Path
+import hpc
+
+runs, store = sys.argv[1], sys.argv[2]
+
+def slow(i):
+    time.sleep(1.0)
+    run = f"{os.environ.get('SLURM_JOB_ID')}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    Path(runs, f"task-{i}.{run}.{uuid.uuid4().hex}").touch()
+    return i * i
+
+total = hpc.delayed(sum)([hpc.delayed(slow)(i) for i in range(40)])
+print("RESULT", hpc.compute(total, checkpoint=store)[0], flush=True)
+"""
+
+
+@pytest.mark.timeout(420)
+def test_a_batch_script_drained_at_its_walltime_runs_again_and_finishes(tmp_path: Path) -> None:
+    """`hpc submit --restart resubmit`: the script is the client, inside the job."""
+    runs, store, script = tmp_path / "runs", tmp_path / "store", tmp_path / "job.py"
+    runs.mkdir()
+    script.write_text(BATCH_SCRIPT)
+    hpc = str(Path(sys.executable).parent / "hpc")
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    argv = [hpc, "submit", "--profile", "slurm", "--walltime", "00:01:00"]
+    argv += ["--drain-lead", "35s", "--restart", "resubmit", "--"]
+    argv += ["python", str(script), str(runs), str(store)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.split()[3]
+    logs = tmp_path / "hpc-logs"
+
+    def result() -> str:
+        text = "".join(p.read_text(errors="replace") for p in logs.glob("*.log"))
+        return next((line for line in text.splitlines() if line.startswith("RESULT")), "")
+
+    try:
+        line = testing.wait_until(result, "the script's result in a job log", 360, 1.0)
+    finally:
+        ids = [p.stem.rsplit("-", 1)[-1] for p in logs.glob("*.log")]
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30, check=False)
+    assert line == f"RESULT {sum(i * i for i in range(40))}"
+    first_log = next(logs.glob(f"*-{first}.log")).read_text(errors="replace")
+    assert "draining (" in first_log and "the batch script stops here" in first_log
+    check_resumed(runs, f"{first}-0")
