@@ -812,13 +812,13 @@ class JobQueueCluster:
             if self._keeper_thread is not None and self._keeper_thread.is_alive():
                 return
             self._keeper_stop = threading.Event()
-            self._keeper_thread = threading.Thread(
-                target=self._keeper_loop,
-                args=(self._keeper_stop,),
-                name=f"{type(self).__name__}-keeper",
-                daemon=True,
+            self._keeper_thread = self._repeat(
+                "keeper",
+                lambda: max(self.poller.interval, _KEEPER_INTERVAL),
+                self._keep_workers,
+                self._keeper_stop,
+                "replacing ended worker jobs",
             )
-            self._keeper_thread.start()
 
     def _stop_keeper(self) -> None:
         thread = self._keeper_thread
@@ -827,15 +827,32 @@ class JobQueueCluster:
             thread.join()
         self._keeper_thread = None
 
-    def _keeper_loop(self, stop: threading.Event) -> None:
-        interval = max(self.poller.interval, _KEEPER_INTERVAL)
-        while not stop.wait(interval):
-            try:
-                self._keep_workers()
-            except Exception:  # noqa: BLE001 - try again at the next interval
-                if stop.is_set() or self._status is ClusterStatus.CLOSED:
-                    return
-                logger.exception("replacing ended worker jobs failed")
+    def _repeat(
+        self,
+        name: str,
+        interval: Callable[[], float],
+        step: Callable[[], Any],
+        stop: threading.Event,
+        what: str,
+    ) -> threading.Thread:
+        """Start a daemon thread calling ``step`` every ``interval()`` s until ``stop``.
+
+        A failing step is logged and tried again at the next interval, unless the
+        cluster closed or ``stop`` was set meanwhile.
+        """
+
+        def loop() -> None:
+            while not stop.wait(interval()):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - the next step may work
+                    if stop.is_set() or self._status is ClusterStatus.CLOSED:
+                        return
+                    logger.exception("%s failed", what)
+
+        thread = threading.Thread(target=loop, name=f"{type(self).__name__}-{name}", daemon=True)
+        thread.start()
+        return thread
 
     def _keep_workers(self) -> list[str]:
         """Replace worker jobs that ended ``TIMEOUT``, ``PREEMPTED`` or ``NODE_FAIL``.
@@ -966,23 +983,14 @@ class JobQueueCluster:
             if interval is not None:
                 self._adapt_interval = parse_timedelta(interval) or self._adapt_interval
             self._adapt_stop = threading.Event()
-            self._adapt_thread = threading.Thread(
-                target=self._adapt_loop,
-                args=(self._adapt_stop,),
-                name=f"{type(self).__name__}-adapt",
-                daemon=True,
+            self._adapt_thread = self._repeat(
+                "adapt",
+                lambda: self._adapt_interval,
+                self.adapt_once,
+                self._adapt_stop,
+                "adapt step",
             )
-            self._adapt_thread.start()
         return adaptive
-
-    def _adapt_loop(self, stop: threading.Event) -> None:
-        while not stop.wait(self._adapt_interval):
-            try:
-                self.adapt_once()
-            except Exception:  # noqa: BLE001 - keep adapting; the next step may work
-                if stop.is_set() or self._status is ClusterStatus.CLOSED:
-                    return
-                logger.exception("adapt step failed")
 
     def adapt_once(self, load: ClusterLoad | None = None) -> int | None:
         """Take one adaptive decision now; return the target number of worker jobs.
