@@ -24,12 +24,11 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from runtime.rendezvous import current_job_id, write_scheduler_file
+from runtime.testing import wait_for_path
 
-POLL = 0.1
 LIFETIME = 600.0  # never outlive a forgotten test by much
 
 
@@ -41,12 +40,11 @@ def rank() -> int:
 
 
 def wait_for(path: Path) -> bool:
-    deadline = time.monotonic() + LIFETIME
-    while time.monotonic() < deadline:
-        if path.exists():
-            return True
-        time.sleep(POLL)
-    return False
+    try:
+        wait_for_path(path, LIFETIME)
+    except TimeoutError:
+        return False
+    return True
 
 
 def main(argv: list[str]) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import pytest
+
 from runtime.scheduler import SchedulerState, TaskState
 
 W1, W2 = "tcp://10.0.0.1:4000", "tcp://10.0.0.2:4000"
@@ -309,17 +311,17 @@ def test_a_large_graph_is_looked_up_off_the_event_loop() -> None:
     assert stored["leaf-3"] is True and stored["leaf-4"] is None
 
 
-def test_slow_lookups_overlap_in_threads() -> None:
+def test_slow_lookups_overlap_in_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
-    import time
 
+    from runtime import checkpoint
     from runtime.checkpoint import lookup_ahead
 
+    monkeypatch.setattr(checkpoint, "_SLOW_LOOKUP", -1.0)  # every lookup counts as slow
     names: set[str] = set()
 
     def slow(directory: str, token: str) -> bool:
         names.add(threading.current_thread().name)
-        time.sleep(0.002)  # the model of a metadata round trip, not synchronisation
         return False
 
     leaves = {f"leaf-{i}": [] for i in range(40)}

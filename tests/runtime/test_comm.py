@@ -453,7 +453,9 @@ def test_two_concurrent_reads_are_refused():
         try:
             comm = await connect(server.address, SECRET, timeout=DEADLINE)
             first = asyncio.ensure_future(comm.read())
-            await asyncio.sleep(0)  # let the first read start waiting
+            await testing.async_wait_until(
+                lambda: comm._protocol._read_waiter is not None, "the first read to wait"
+            )
             with pytest.raises(RuntimeError, match="already reading"):
                 await comm.read()
             comm.write([{"op": "x"}])
@@ -1034,7 +1036,9 @@ def test_batched_send_holds_messages_while_the_peer_is_slow_and_sends_them_later
             batched = BatchedSend(comm)
             for i in range(10):
                 batched.send({"op": "small", "i": i})
-            await asyncio.sleep(0)
+            await testing.async_wait_until(
+                lambda: batched._drain_task is not None, "the batch to wait for the backlog"
+            )
             [big] = await asyncio.wait_for(peer.read(), DEADLINE)
             assert big["a"].sum() == 8_000_000
             rest: list[Any] = []

@@ -364,10 +364,13 @@ def test_silent_worker_is_removed_after_worker_ttl_and_a_chatty_one_is_kept() ->
             await silent.expect("ok")
             await chatty.expect("ok")
             start = time.monotonic()
-            while "tcp://127.0.0.1:50001" in s.state.workers:
-                assert time.monotonic() - start < TIMEOUT
+
+            def silent_one_removed() -> bool:
+                # Each poll (at most 50 ms apart) is a heartbeat of the chatty worker.
                 chatty.send({"op": "heartbeat", "metrics": {"memory": 1}})
-                await asyncio.sleep(0.05)
+                return "tcp://127.0.0.1:50001" not in s.state.workers
+
+            await until(silent_one_removed, what="the silent worker to be removed")
             assert time.monotonic() - start >= 0.4
             assert list(s.state.workers) == ["tcp://127.0.0.1:50002"]
             assert s.state.workers["tcp://127.0.0.1:50002"].metrics == {"memory": 1}

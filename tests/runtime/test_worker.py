@@ -306,7 +306,9 @@ def test_close_requested_again_while_closing_does_not_stall_the_close() -> None:
             loop = asyncio.get_running_loop()
             started = loop.time()
             w.request_close("scheduler closing")
-            await asyncio.sleep(0)  # the close is now under way, waiting on its comms
+            # One loop step, not a wait: the close task starts and blocks on its
+            # comms (a poll would miss CLOSING: the whole close takes milliseconds).
+            await asyncio.sleep(0)
             assert w.status is WorkerStatus.CLOSING
             w.request_close("signal SIGTERM")  # e.g. SIGTERM arriving meanwhile
             await w.finished()
