@@ -291,7 +291,7 @@ class JobQueueCluster:
     def _successor_file(self) -> str:
         # The runtime of a cluster job that submitted its own replacement writes the
         # new job's id here before it ends.
-        return f"{self._scheduler_file}.successor"
+        return rendezvous.successor_path(self._scheduler_file)
 
     def _remove_stale_scheduler_file(self) -> None:
         # A file left by an earlier cluster at this path would send workers and clients
@@ -466,9 +466,7 @@ class JobQueueCluster:
             status = self.poller.poll().get(job.job_id)
             # The files after the state: what the job wrote before it ended is there.
             info = self._read_scheduler_file()
-            if info is not None and any(
-                info.get(key) != previous.get(key) for key in ("address", "started", "pid")
-            ):
+            if info is not None and not rendezvous.same_scheduler(info, previous):
                 with self._lock:
                     if self._status is ClusterStatus.CLOSED:
                         return None

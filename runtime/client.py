@@ -2434,7 +2434,7 @@ def _await_scheduler_file(
     successor may start on another node, seen only through the shared filesystem.
     """
     from runtime.errors import SchedulerError as _SchedulerError
-    from runtime.rendezvous import read_scheduler_file
+    from runtime.rendezvous import read_scheduler_file, same_scheduler
 
     deadline = None if timeout is None else time.monotonic() + timeout
     while (deadline is None or time.monotonic() < deadline) and not closed():
@@ -2443,9 +2443,7 @@ def _await_scheduler_file(
                 info = read_scheduler_file(path)
             except _SchedulerError:  # being replaced, or not ours: look again
                 info = None
-            if info is not None and any(
-                info.get(k) != previous.get(k) for k in ("address", "started", "pid")
-            ):
+            if info is not None and not same_scheduler(info, previous):
                 return info
         time.sleep(0.5)  # polling a shared filesystem, with the caller's deadline
     return None

@@ -45,8 +45,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from runtime.errors import HPCError
+from runtime.rendezvous import successor_path, write_successor
 
-__all__ = ["RESTART_POLICIES", "DrainGuard", "JobEnvironment", "successor_path"]
+__all__ = ["RESTART_POLICIES", "DrainGuard", "JobEnvironment", "JobEnvironmentError"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,6 @@ _RESERVED_SIGNALS = frozenset({"USR1", "KILL", "STOP"})
 
 class JobEnvironmentError(HPCError, ValueError):
     """A job variable (``HPC_JOB_*``) has a value that cannot be used."""
-
-
-def successor_path(scheduler_file: str | os.PathLike[str]) -> str:
-    """Where a drained job records the id of the job that takes over from it."""
-    return os.fspath(scheduler_file) + ".successor"
 
 
 def _signal(name: str) -> signal.Signals:
@@ -215,9 +211,9 @@ class JobEnvironment:
             return None
         command = self.restart_command()
         marker = successor_path(scheduler_file) if scheduler_file is not None else None
-        if self.restart == "requeue" and marker is not None:
+        if self.restart == "requeue" and scheduler_file is not None:
             # The requeue ends this process at once: record the successor first.
-            _write_atomic(marker, str(self.job_id))
+            write_successor(scheduler_file, str(self.job_id))
         try:
             done = run(command, capture_output=True, text=True, timeout=60, check=False)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -242,22 +238,13 @@ class JobEnvironment:
             successor = str(self.job_id)
         else:
             successor = done.stdout.strip().split(";")[0].split()[-1]
-            if marker is not None:
-                _write_atomic(marker, successor)
+            if scheduler_file is not None:
+                write_successor(scheduler_file, successor)
         logger.warning(
             "job %s %s: its successor is job %s", self.job_id,
             "requeued" if self.restart == "requeue" else "resubmitted", successor,
         )  # fmt: skip
         return successor
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class DrainGuard:

@@ -35,7 +35,10 @@ __all__ = [
     "current_job_id",
     "read_scheduler_file",
     "remove_scheduler_file",
+    "same_scheduler",
+    "successor_path",
     "write_scheduler_file",
+    "write_successor",
 ]
 
 _JOB_ID_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID")
@@ -122,7 +125,15 @@ def write_scheduler_file(
     restarts = os.environ.get("HPC_JOB_RESTARTS") or os.environ.get("SLURM_RESTART_COUNT")
     if restarts and restarts.strip().isdigit():
         document["restarts"] = int(restarts)
-    data = json.dumps(document, indent=1).encode() + b"\n"
+    _write_atomically(target, json.dumps(document, indent=1).encode() + b"\n", "scheduler file")
+    return document
+
+
+def _write_atomically(target: Path, data: bytes, what: str) -> None:
+    """Write ``data`` to ``target`` (mode 0600) so a reader sees all of it or nothing.
+
+    Temporary file, fsync, rename, fsync of the directory. Errors name ``what``.
+    """
     directory = target.parent
     try:
         # mkstemp creates the file with mode 0600 already; the fchmod below makes that
@@ -130,11 +141,11 @@ def write_scheduler_file(
         fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
     except FileNotFoundError:
         raise SchedulerError(
-            f"cannot write scheduler file {target}: directory {directory} does not exist; "
+            f"cannot write {what} {target}: directory {directory} does not exist; "
             "create it, or choose a path on a filesystem shared by all nodes"
         ) from None
     except OSError as exc:
-        raise SchedulerError(f"cannot write scheduler file {target}: {exc}") from exc
+        raise SchedulerError(f"cannot write {what} {target}: {exc}") from exc
     try:
         with os.fdopen(fd, "wb") as stream:
             os.fchmod(stream.fileno(), 0o600)
@@ -146,10 +157,28 @@ def write_scheduler_file(
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         if isinstance(exc, OSError):
-            raise SchedulerError(f"cannot write scheduler file {target}: {exc}") from exc
+            raise SchedulerError(f"cannot write {what} {target}: {exc}") from exc
         raise
     _fsync_directory(directory)
-    return document
+
+
+def successor_path(scheduler_file: str | os.PathLike[str]) -> str:
+    """Where a job that drained records the id of the job taking over from it."""
+    return os.fspath(scheduler_file) + ".successor"
+
+
+def write_successor(scheduler_file: str | os.PathLike[str], job_id: str) -> None:
+    """Record, beside the scheduler file, that job ``job_id`` takes over (atomically)."""
+    _write_atomically(Path(successor_path(scheduler_file)), f"{job_id}\n".encode(), "record")
+
+
+def same_scheduler(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two scheduler files' contents describe the same running scheduler.
+
+    A restarted scheduler may reuse the host and even the port: its start time and pid
+    tell it apart.
+    """
+    return all(a.get(k) == b.get(k) for k in ("address", "started", "pid"))
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from runtime import jobenv
-from runtime.jobenv import DrainGuard, JobEnvironment, JobEnvironmentError, successor_path
+from runtime.jobenv import DrainGuard, JobEnvironment, JobEnvironmentError
+from runtime.rendezvous import successor_path
 from runtime.scheduler import Scheduler
 
 SLURM = {"SLURM_JOB_ID": "77", "HPC_JOB_SCRIPT": "/home/a/job.sh"}
