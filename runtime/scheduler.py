@@ -187,20 +187,11 @@ _DURATION_WINDOW = 64
 # Graphs with at least this many tasks are added with the cyclic GC paused.
 _GC_PAUSE_TASKS = 1000
 
-_DEFAULTS: dict[str, Any] = {
-    "allowed-failures": 3,
-    "worker-ttl": "300s",
-    "worker-saturation": 1.1,
-    "root-task-lookahead": "5ms",
-    "default-retries": 1,
-    "client-grace": "60s",
-}
-
-
 def _config(name: str) -> Any:
+    # The defaults are runtime.yaml's (always loaded); not repeated here.
     from runtime import config
 
-    return config.get(f"distributed.scheduler.{name}", _DEFAULTS[name])
+    return config.get(f"distributed.scheduler.{name}")
 
 
 # ----------------------------------------------------------------------------- records
