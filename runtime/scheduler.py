@@ -187,6 +187,7 @@ _DURATION_WINDOW = 64
 # Graphs with at least this many tasks are added with the cyclic GC paused.
 _GC_PAUSE_TASKS = 1000
 
+
 def _config(name: str) -> Any:
     # The defaults are runtime.yaml's (always loaded); not repeated here.
     from runtime import config
