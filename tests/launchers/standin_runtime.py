@@ -39,6 +39,13 @@ def rank() -> int:
     return 0
 
 
+def say(line: str) -> None:
+    """Print one line in one write: the ranks share the job's output file through
+    mpiexec, and a line written in two pieces (text, then newline) can interleave with
+    another rank's line."""
+    os.write(1, f"{line}\n".encode())
+
+
 def wait_for(path: Path) -> bool:
     try:
         wait_for_path(path, LIFETIME)
@@ -66,7 +73,7 @@ def main(argv: list[str]) -> int:
         if not wait_for(target):
             return 3
         Path(f"{target}.worker-{current_job_id() or 'local'}-{me}").write_text("ready\n")
-        print(f"stand-in worker rank {me} joined {target}", flush=True)
+        say(f"stand-in worker rank {me} joined {target}")
         wait_for(stop)
         return 0
 
@@ -74,7 +81,7 @@ def main(argv: list[str]) -> int:
         write_scheduler_file(
             target, f"tcp://127.0.0.1:{40000 + os.getpid() % 20000}", secrets.token_bytes(32)
         )
-        print(f"stand-in scheduler wrote {target}", flush=True)
+        say(f"stand-in scheduler wrote {target}")
     if args.script and me == 1:
         script, *script_args = args.script
         code = subprocess.call([sys.executable, script, *script_args])
