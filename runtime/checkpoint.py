@@ -77,6 +77,7 @@ task. Nothing else; the files are the state.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -105,6 +106,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointSpec",
     "CheckpointStore",
+    "CheckpointWriter",
     "CleanResult",
     "checkpoint",
     "checkpoint_spec",
@@ -790,6 +792,93 @@ def save_quietly(directory: str, token: str, value: Any, key: Key = None) -> boo
         )
         return False
     return True
+
+
+class CheckpointWriter:
+    """One thread that writes checkpoints for the threads that computed the results.
+
+    A pool thread that finished a task hands its result here and starts its next task
+    while the file is written, so the fsyncs overlap with computing instead of adding
+    to it. ``then`` runs in the writer thread once the file is written (or the write
+    failed, which :func:`save_quietly` logs): the caller reports the task there, so a
+    task reported finished still has its checkpoint on disk.
+
+    At most ``backlog`` results wait; beyond that :meth:`submit` returns ``False`` and
+    the caller writes the file itself, which holds computing back to the pace of the
+    disk rather than letting results pile up in memory.
+    """
+
+    def __init__(self, backlog: int, name: str = "hpc-checkpoint-writer") -> None:
+        if backlog < 1:
+            raise ValueError(f"backlog must be at least 1, not {backlog}")
+        self.backlog = backlog
+        self.name = name
+        self._queue: collections.deque[tuple[str, str, Any, Key, Callable[[], object]]]
+        self._queue = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._busy = False
+
+    def submit(
+        self, directory: str, token: str, value: Any, key: Key, then: Callable[[], object]
+    ) -> bool:
+        """Queue a write; ``False`` (nothing queued) when the backlog is full or closed."""
+        with self._cond:
+            if self._closed or len(self._queue) >= self.backlog:
+                return False
+            self._queue.append((directory, token, value, key, then))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return True
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (no more writes are taken)."""
+        return self._closed
+
+    def pending(self) -> int:
+        """Writes queued or in progress."""
+        with self._cond:
+            return len(self._queue) + self._busy
+
+    def _run(self) -> None:
+        cond = self._cond
+        queue = self._queue
+        while True:
+            with cond:
+                self._busy = False
+                cond.notify_all()  # for close()
+                while not queue and not self._closed:
+                    cond.wait()
+                if not queue:
+                    return
+                directory, token, value, key, then = queue.popleft()
+                self._busy = True
+            save_quietly(directory, token, value, key)
+            del value
+            try:
+                then()
+            except Exception:  # a reporting bug must not stop later writes
+                logger.exception("reporting the checkpoint of %r failed", key)
+
+    def close(self, timeout: float | None = None) -> int:
+        """Take no more writes and wait up to ``timeout`` s for the queued ones.
+
+        Returns how many were still queued or in progress at the timeout (0: all done).
+        """
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._queue or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+            return len(self._queue) + self._busy
 
 
 # -------------------------------------------------------------------------- identity

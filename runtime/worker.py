@@ -71,6 +71,7 @@ import asyncio
 import builtins
 import contextlib
 import enum
+import functools
 import heapq
 import importlib
 import inspect
@@ -86,7 +87,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.errors import (
     CommClosedError,
@@ -97,6 +98,9 @@ from runtime.errors import (
 )
 from runtime.protocol import Op, Role
 from runtime.units import parse_bytes, parse_timedelta
+
+if TYPE_CHECKING:
+    from runtime.checkpoint import CheckpointWriter
 
 __all__ = [
     "Worker",
@@ -116,6 +120,7 @@ Key = Hashable
 _CONNECT_TIMEOUT = 10.0
 _RECONNECT_ATTEMPT = 1.0
 _CLOSE_TIMEOUT = 2.0
+_CHECKPOINT_CLOSE_TIMEOUT = 30.0  # finished results are worth waiting for
 
 # Plain strings on the wire: an Op member would pickle as a reference to the class.
 _TASK_FINISHED = Op.TASK_FINISHED.value
@@ -648,6 +653,8 @@ class Worker:
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._checkpoint_writer: CheckpointWriter | None = None
+        self._checkpoint_writer_tried = False
         self._listener: Any = None
         self._scheduler_comm: Any = None
         self._listener_secret: bytes | None = None  # the secret peers must prove
@@ -788,6 +795,14 @@ class Worker:
         self._reset_state()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        writer = self._checkpoint_writer
+        if writer is not None:
+            # Results that finished are worth keeping: let their files be written.
+            left = await asyncio.to_thread(writer.close, _CHECKPOINT_CLOSE_TIMEOUT)
+            if left:
+                logger.warning(
+                    "worker %s closed with %d checkpoint(s) still being written", self.address, left
+                )
         pending = [t for t in self._background if t is not current and not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT)
@@ -1097,6 +1112,8 @@ class Worker:
         checkpoint = msg.get("checkpoint")
         if checkpoint is not None:
             ts.checkpoint = checkpoint
+            if not self._checkpoint_writer_tried:
+                self._start_checkpoint_writer()
             ts.load = bool(msg.get("load"))
         who_has = msg.get("who_has")
         if who_has:
@@ -1187,10 +1204,7 @@ class Worker:
         """Executor job: run ready tasks until none is left (runs in a pool thread)."""
         lock = self._ready_lock
         ready = self._ready
-        done = self._done
         data = self.data
-        loop = self._loop
-        assert loop is not None
         from runtime.graph import execute_task
         from runtime.serialize import loads
 
@@ -1206,6 +1220,7 @@ class Worker:
                 continue
             deps = ts.deps
             ts.start = clock()
+            save_to = None
             try:
                 checkpoint = ts.checkpoint
                 if checkpoint is not None and ts.load:
@@ -1218,12 +1233,7 @@ class Worker:
                     result = execute_task(
                         loads(ts.payload), {d: data[d] for d in deps} if deps else _NO_DEPS
                     )
-                    if checkpoint is not None:
-                        # Written before reporting: a task reported finished has its
-                        # checkpoint on disk (unless writing failed, which is logged).
-                        from runtime.checkpoint import save_quietly
-
-                        save_quietly(checkpoint[0], checkpoint[1], result, ts.key)
+                    save_to = checkpoint
             except BaseException as exc:
                 ts.stop = clock()
                 ts.error = self._pack_error(exc)
@@ -1234,15 +1244,53 @@ class Worker:
                 ts.nbytes = _sizeof(result)
                 ts.typename = _typename(type(result))
                 del result
-            done.append(ts)
-            if not self._done_wakeup:
-                self._done_wakeup = True
-                try:
-                    loop.call_soon_threadsafe(self._collect_done)
-                except RuntimeError:  # the loop is closed: nobody to report to
-                    with lock:
-                        self._jobs -= 1
-                    return
+            if save_to is not None:
+                # Reported only once written: a task reported finished has its
+                # checkpoint on disk (unless writing failed, which is logged). The
+                # writer thread writes it while this thread goes on to the next task;
+                # with its backlog full, this thread writes it itself.
+                writer = self._checkpoint_writer
+                if writer is not None and writer.submit(
+                    save_to[0], save_to[1], ts.result, ts.key, functools.partial(self._report, ts)
+                ):
+                    continue
+                from runtime.checkpoint import save_quietly
+
+                save_quietly(save_to[0], save_to[1], ts.result, ts.key)
+            if not self._report(ts):  # the loop is closed: nobody to report to
+                with lock:
+                    self._jobs -= 1
+                return
+
+    def _start_checkpoint_writer(self) -> None:
+        """Start the checkpoint writer, at the first task to checkpoint (not at start-up:
+        importing ``runtime.checkpoint`` would slow every worker's start)."""
+        if self.status is not WorkerStatus.RUNNING:
+            return
+        self._checkpoint_writer_tried = True
+        if not _config_get("checkpoint.background-writes", True):
+            return
+        from runtime.checkpoint import CheckpointWriter
+
+        self._checkpoint_writer = CheckpointWriter(
+            max(2, self.nthreads), name=f"hpc-checkpoint-writer-{self.name}"
+        )
+
+    def _report(self, ts: _Task) -> bool:
+        """Queue a finished task for the loop (from a pool or writer thread).
+
+        Returns ``False`` when the loop is closed.
+        """
+        self._done.append(ts)
+        if not self._done_wakeup:
+            self._done_wakeup = True
+            loop = self._loop
+            assert loop is not None
+            try:
+                loop.call_soon_threadsafe(self._collect_done)
+            except RuntimeError:
+                return False
+        return True
 
     def _collect_done(self) -> None:
         """Report a batch of finished tasks (on the loop, woken once per batch)."""

@@ -360,6 +360,81 @@ def test_module_doctests_pass() -> None:
     assert failures == 0
 
 
+# -------------------------------------------------------------------------- writer
+
+
+def _tokens(n: int) -> list[str]:
+    return [f"{i:032x}" for i in range(n)]
+
+
+def test_writer_writes_in_its_thread_then_calls_back_and_close_waits(tmp_path: Path) -> None:
+    writer = ck.CheckpointWriter(backlog=4)
+    store = CheckpointStore(tmp_path)
+    seen: list[tuple[str, bool, str]] = []
+    for i, token in enumerate(_tokens(3)):
+
+        def then(token: str = token) -> None:
+            seen.append((token, store.exists(token), threading.current_thread().name))
+
+        assert writer.submit(str(tmp_path), token, {"i": i}, f"k{i}", then)
+    assert writer.close(timeout=30) == 0
+    # In order, each file in place before its callback, all in the writer's thread.
+    assert [t for t, _, _ in seen] == _tokens(3)
+    assert all(exists for _, exists, _ in seen)
+    assert {name for _, _, name in seen} == {"hpc-checkpoint-writer"}
+    assert [store.load(t) for t in _tokens(3)] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert writer.pending() == 0 and writer.closed
+    assert not writer.submit(str(tmp_path), TOKEN, 1, "late", lambda: None)  # closed
+
+
+def test_writer_refuses_beyond_its_backlog_so_the_caller_writes_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    save = ck.save_quietly
+
+    def held_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
+        started.set()
+        assert release.wait(60)
+        return save(directory, token, value, key)
+
+    monkeypatch.setattr(ck, "save_quietly", held_save)
+    writer = ck.CheckpointWriter(backlog=2)
+    first, second, third, fourth = _tokens(4)
+    assert writer.submit(str(tmp_path), first, 1, "a", lambda: None)
+    assert started.wait(60)  # the writer holds the first; two more may wait
+    assert writer.submit(str(tmp_path), second, 2, "b", lambda: None)
+    assert writer.submit(str(tmp_path), third, 3, "c", lambda: None)
+    assert writer.pending() == 3
+    assert not writer.submit(str(tmp_path), fourth, 4, "d", lambda: None)
+    assert writer.close(timeout=0) == 3  # timed out with all three still there
+    release.set()
+    assert writer.close(timeout=30) == 0
+    assert [CheckpointStore(tmp_path).exists(t) for t in (first, second, third, fourth)] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+
+
+def test_writer_calls_back_after_a_failed_write_and_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    writer = ck.CheckpointWriter(backlog=2)
+    called: list[str] = []
+    first, second = _tokens(2)
+    with caplog.at_level(logging.WARNING, logger="runtime.checkpoint"):
+        assert writer.submit(str(blocked), first, 1, "bad", lambda: called.append("bad"))
+        assert writer.submit(str(tmp_path), second, 2, "good", lambda: called.append("good"))
+        assert writer.close(timeout=30) == 0
+    assert called == ["bad", "good"]
+    assert "cannot write the checkpoint of 'bad'" in caplog.text
+    assert CheckpointStore(tmp_path).load(second) == 2
+
+
 # ------------------------------------------------------------------------ identity
 
 

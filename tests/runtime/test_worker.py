@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from runtime import comm, config, ioloop, serialize
+from runtime import comm, config, ioloop, serialize, testing
 from runtime.errors import (
     CommClosedError,
     ConfigError,
@@ -882,6 +882,100 @@ def test_task_with_a_checkpoint_writes_it_before_reporting(tmp_path: Path) -> No
             assert CheckpointStore(tmp_path).load(CKPT) == 3
 
     run(body)
+
+
+def test_task_thread_goes_on_while_a_checkpoint_is_written_and_reports_it_once_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime import checkpoint
+    from runtime.checkpoint import CheckpointStore
+
+    written = threading.Event()
+    release = threading.Event()
+    save = checkpoint.save_quietly
+
+    def held_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
+        assert release.wait(TIMEOUT), "the test never released the write"
+        ok = save(directory, token, value, key)
+        written.set()
+        return ok
+
+    monkeypatch.setattr(checkpoint, "save_quietly", held_save)
+
+    async def body() -> None:
+        async with FakeScheduler() as s, Worker(s.address, secret=s.secret, nthreads=1) as w:
+            s.send({**task("a", (operator.add, 1, 2)), "checkpoint": [str(tmp_path), CKPT]})
+            s.send(task("b", (operator.add, 2, 2)))
+            # The one task thread ran b while a's checkpoint was still being written...
+            assert (await s.expect("task-finished"))["key"] == "b"
+            assert not written.is_set() and "a" not in w.data
+            assert not CheckpointStore(tmp_path).exists(CKPT)
+            release.set()
+            # ...and a is reported only once its file is there.
+            assert (await s.expect("task-finished"))["key"] == "a"
+            assert written.is_set() and CheckpointStore(tmp_path).load(CKPT) == 3
+            assert w.data == {"a": 3, "b": 4}
+
+    run(body)
+
+
+def test_closing_worker_waits_for_the_checkpoints_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime import checkpoint
+    from runtime.checkpoint import CheckpointStore
+
+    started = threading.Event()
+    release = threading.Event()
+    save = checkpoint.save_quietly
+
+    def held_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
+        started.set()
+        assert release.wait(TIMEOUT), "the test never released the write"
+        return save(directory, token, value, key)
+
+    monkeypatch.setattr(checkpoint, "save_quietly", held_save)
+
+    async def body() -> None:
+        async with FakeScheduler() as s:
+            w = await Worker(s.address, secret=s.secret, nthreads=1).start()
+            s.send({**task("a", (operator.add, 1, 2)), "checkpoint": [str(tmp_path), CKPT]})
+            assert await asyncio.to_thread(started.wait, TIMEOUT)
+            closing = asyncio.ensure_future(w.close())
+            writer = w._checkpoint_writer
+            assert writer is not None
+            await testing.async_wait_until(lambda: writer.closed, "the close to reach the writer")
+            assert not closing.done()  # it waits for the write
+            release.set()
+            await closing
+            assert CheckpointStore(tmp_path).load(CKPT) == 3
+
+    run(body)
+
+
+def test_checkpoint_writes_happen_in_the_task_thread_when_background_writes_are_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime import checkpoint
+
+    threads: list[str] = []
+    save = checkpoint.save_quietly
+
+    def recording_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
+        threads.append(threading.current_thread().name)
+        return save(directory, token, value, key)
+
+    monkeypatch.setattr(checkpoint, "save_quietly", recording_save)
+
+    async def body() -> None:
+        async with FakeScheduler() as s, Worker(s.address, secret=s.secret, name="w1") as w:
+            s.send({**task("a", (operator.add, 1, 2)), "checkpoint": [str(tmp_path), CKPT]})
+            await s.expect("task-finished")
+            assert w.data == {"a": 3}
+
+    with config.set({"checkpoint.background-writes": False}):
+        run(body)
+    assert len(threads) == 1 and threads[0].startswith("hpc-worker-w1")
 
 
 def test_load_task_reads_its_checkpoint_instead_of_running(tmp_path: Path) -> None:
