@@ -45,7 +45,10 @@ def test_batch_mode_runs_the_script_as_client_in_a_slurm_job(tmp_path, env, canc
         "def inc(x):\n"
         "    return x + 1\n"
         "total = hpc.delayed(sum)([hpc.delayed(inc)(i) for i in range(100)])\n"
-        "print('RESULT', total.compute())\n"
+        # One write: other ranks share the job log, and a print() under
+        # PYTHONUNBUFFERED writes "RESULT", " ", the value and the newline apart.
+        "import sys\n"
+        "sys.stdout.write(f'RESULT {total.compute()}\\n')\n"
     )
     proc = hpc(
         "submit",
