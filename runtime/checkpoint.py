@@ -1058,6 +1058,10 @@ def _storable(value: Any) -> bool:
 # ------------------------------------------------------------- running with checkpoints
 
 
+def _nothing() -> None:
+    pass
+
+
 class _Load:
     """Task head: load a checkpoint (``(_Load(directory, token, key),)``)."""
 
@@ -1083,17 +1087,28 @@ class _Load:
 
 
 class _Save:
-    """Task head: return its argument, after saving it as a checkpoint."""
+    """Task head: return its argument, after saving it as a checkpoint.
 
-    __slots__ = ("directory", "key", "token")
+    With a ``writer`` (in-process schedulers only: it is not pickled) the value is
+    returned at once and written by the writer's thread, unless its backlog is full.
+    """
 
-    def __init__(self, directory: str, token: str, key: Key = None) -> None:
+    __slots__ = ("directory", "key", "token", "writer")
+
+    def __init__(
+        self, directory: str, token: str, key: Key = None, writer: CheckpointWriter | None = None
+    ) -> None:
         self.directory = directory
         self.token = token
         self.key = key
+        self.writer = writer
 
     def __call__(self, value: Any) -> Any:
-        save_quietly(self.directory, self.token, value, self.key)
+        writer = self.writer
+        if writer is None or not writer.submit(
+            self.directory, self.token, value, self.key, _nothing
+        ):
+            save_quietly(self.directory, self.token, value, self.key)
         return value
 
     def __repr__(self) -> str:
@@ -1175,12 +1190,14 @@ class CheckpointSpec:
         keys: Any,
         store: CheckpointStore,
         skip: Iterable[str] = (),
+        writer: CheckpointWriter | None = None,
     ) -> tuple[dict[Key, Any], dict[str, Key]]:
         """Cut ``dsk`` at valid checkpoints and make every other storable task save.
 
         Walks down from ``keys``: a needed task with a checkpoint becomes a load, and
         what only it needed is left out (so only checkpoints something still needs
-        are read); every other task with an identity saves its result.
+        are read); every other task with an identity saves its result (through
+        ``writer`` when given: only for schedulers that run tasks in this process).
 
         Returns
         -------
@@ -1204,7 +1221,7 @@ class CheckpointSpec:
                     out[key] = (_Load(directory, token, repr(key)),)
                     loads[token] = key
                     continue
-                out[key] = (_Save(directory, token, key), task)
+                out[key] = (_Save(directory, token, key, writer), task)
             else:
                 out[key] = task
             stack.extend(d for d in _graph.get_dependencies(dsk, key) if d not in out)
@@ -1220,17 +1237,40 @@ class CheckpointSpec:
         """
         store = get_store(self.directory)
         skip: set[str] = set()
-        while True:
-            graph, loads = self.plan(dsk, keys, store, skip)
-            if loads:
-                logger.info("reusing %d checkpoints from %s", len(loads), self.directory)
-            try:
-                return get(graph, keys, **kwargs)
-            except CheckpointError as exc:
-                if exc.token not in loads or exc.token in skip:
-                    raise
-                logger.warning("%s; computing %r again", exc, loads[exc.token])
-                skip.add(exc.token)
+        writer = _in_process_writer(get, kwargs)
+        try:
+            while True:
+                graph, loads = self.plan(dsk, keys, store, skip, writer)
+                if loads:
+                    logger.info("reusing %d checkpoints from %s", len(loads), self.directory)
+                try:
+                    return get(graph, keys, **kwargs)
+                except CheckpointError as exc:
+                    if exc.token not in loads or exc.token in skip:
+                        raise
+                    logger.warning("%s; computing %r again", exc, loads[exc.token])
+                    skip.add(exc.token)
+        finally:
+            if writer is not None:
+                writer.close()  # every checkpoint is written when the results return
+
+
+def _in_process_writer(
+    get: Callable[..., Any], kwargs: Mapping[str, Any]
+) -> CheckpointWriter | None:
+    """A writer thread for a local scheduler running tasks in this process, else ``None``.
+
+    The threads and sync schedulers go on to the next task while a result is written;
+    the process pool writes in its workers, which nobody could wait for here.
+    """
+    from runtime import local
+
+    if get not in (local.get_sync, local.get_threads):
+        return None
+    if not config.get("checkpoint.background-writes", True):
+        return None
+    threads = kwargs.get("num_workers") or os.cpu_count() or 1
+    return CheckpointWriter(max(2, int(threads)))
 
 
 def checkpoint_target(checkpoint: Any) -> CheckpointSpec | str | None:

@@ -557,6 +557,54 @@ def test_changed_argument_recomputes_that_branch_and_downstream_only(
     assert executions(runs) == 15 + 4
 
 
+@pytest.mark.parametrize("name", ["sync", "threads"])
+def test_in_process_schedulers_compute_on_while_the_writer_thread_writes(
+    name: str, store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    save = ck.save_quietly
+
+    def held_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
+        assert release.wait(30), "a task waited for a checkpoint write"
+        return save(directory, token, value, key)
+
+    monkeypatch.setattr(ck, "save_quietly", held_save)
+    stored_meanwhile: list[int] = []
+
+    def second(x: int) -> int:
+        stored_meanwhile.append(len(CheckpointStore(store_dir).list()))
+        release.set()  # only now may the first result's write go on
+        return x + 1
+
+    first = hpc.delayed(operator.add)(1, 2)
+    assert hpc.delayed(second)(first).compute(checkpoint=store_dir, scheduler=name) == 4
+    assert stored_meanwhile == [0]  # second ran while first's checkpoint was written
+    # Written before compute returned (second has no identity: its closure holds an Event).
+    assert len(CheckpointStore(store_dir).list()) == 1
+
+
+def test_local_writes_stay_in_the_task_thread_when_background_writes_are_off(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+    save = ck.save_quietly
+
+    def recording_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
+        threads.append(threading.current_thread().name)
+        return save(directory, token, value, key)
+
+    monkeypatch.setattr(ck, "save_quietly", recording_save)
+    total = hpc.delayed(sum)([hpc.delayed(operator.add)(i, 1) for i in range(4)])
+    with config.set({"checkpoint.background-writes": False}):
+        assert total.compute(checkpoint=store_dir, scheduler="sync") == 10
+    assert threads == [threading.current_thread().name] * 5
+    threads.clear()
+    assert total.compute(checkpoint=store_dir / "again", scheduler="sync") == 10
+    # The first write surely goes to the idle writer; later ones may find its backlog
+    # full and be written by the task thread.
+    assert threads[0] == "hpc-checkpoint-writer" and len(threads) == 5
+
+
 def test_only_checkpoints_still_needed_are_read(runs: Path, store_dir: Path, monkeypatch) -> None:
     hpc.compute(tree(runs), checkpoint=store_dir, scheduler="sync")
     loaded: list[str] = []
