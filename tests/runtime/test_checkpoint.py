@@ -600,9 +600,9 @@ def test_local_writes_stay_in_the_task_thread_when_background_writes_are_off(
     assert threads == [threading.current_thread().name] * 5
     threads.clear()
     assert total.compute(checkpoint=store_dir / "again", scheduler="sync") == 10
-    # The first write surely goes to the idle writer; later ones may find its backlog
-    # full and be written by the task thread.
-    assert threads[0] == "hpc-checkpoint-writer" and len(threads) == 5
+    # The first result surely goes to the idle writer; later ones may find its backlog
+    # full (before its thread even started) and be written by the task thread.
+    assert "hpc-checkpoint-writer" in threads and len(threads) == 5
 
 
 def test_only_checkpoints_still_needed_are_read(runs: Path, store_dir: Path, monkeypatch) -> None:
