@@ -213,6 +213,7 @@ class JobQueueCluster:
         # replaced after an interrupted end, and the thread that replaces them.
         self._worker_target: int | None = None
         self._worker_replaced: set[str] = set()
+        self._worker_running_since: dict[str, float] = {}  # first seen running (clock)
         self._worker_restarts = 0
         self._keeper_stop = threading.Event()
         self._keeper_thread: threading.Thread | None = None
@@ -784,8 +785,10 @@ class JobQueueCluster:
         running ones (newest first), whose workers are first retired through
         :attr:`retire_jobs` when it is set. Stops :meth:`adapt`. With a ``restart``
         setting, a background thread keeps the count through walltimes: a worker job
-        that ends ``TIMEOUT``, ``PREEMPTED`` or ``NODE_FAIL`` is replaced (at most
-        ``max_restarts`` times per job of the target).
+        gets its replacement ``drain_lead`` before its walltime (both run meanwhile),
+        and one that ends ``TIMEOUT``, ``PREEMPTED`` or ``NODE_FAIL`` unreplaced gets
+        one then (at most ``max_restarts`` replacements per job of the target). Worker
+        jobs outlive a drained cluster job: their workers join its successor.
 
         Raises
         ------
@@ -853,7 +856,14 @@ class JobQueueCluster:
         return thread
 
     def _keep_workers(self) -> list[str]:
-        """Replace worker jobs that ended ``TIMEOUT``, ``PREEMPTED`` or ``NODE_FAIL``.
+        """Replace worker jobs near or past their walltime, keeping the :meth:`scale` target.
+
+        - A running worker job whose walltime ends within ``drain_lead`` (counted from
+          when this cluster first saw it running) gets its replacement now, so that the
+          replacement can queue and start while the old job still works: for up to
+          ``drain_lead`` both run.
+        - A worker job that ended ``TIMEOUT``, ``PREEMPTED`` or ``NODE_FAIL`` without
+          a replacement gets one.
 
         Up to the :meth:`scale` target (``adapt`` keeps its own), and at most
         ``max_restarts`` replacements per worker job of the target. Returns the ids
@@ -871,36 +881,64 @@ class JobQueueCluster:
                 return []
             statuses = self.poller.poll()
             live = self.worker_jobs()
+            replaced = self._worker_replaced
+            now = self._clock()
+            since = self._worker_running_since
+            for j in live:
+                st = statuses.get(j)
+                if st is not None and st.state is JobState.RUNNING:
+                    since.setdefault(j, now)
+            for j in [j for j in since if j not in live]:
+                del since[j]
             interrupted = [
                 j
                 for j, job in self._jobs.items()
                 if job.kind is JobKind.WORKER
-                and j not in self._worker_replaced
+                and j not in replaced
                 and j not in self._cancelled
                 and (st := statuses.get(j)) is not None
                 and st.state.is_interrupted
             ]
+            expiring: list[str] = []
+            walltime = self.spec.walltime
+            if walltime is not None and self.spec.drain_lead < walltime:
+                handover = walltime - self.spec.drain_lead
+                expiring = [
+                    j
+                    for j in live
+                    if j not in replaced and j in since and now - since[j] >= handover
+                ]
+            staying = [j for j in live if j not in replaced and j not in expiring]
             submitted: list[str] = []
             budget = self.spec.max_restarts * target - self._worker_restarts
-            for job_id in interrupted[: max(0, min(target - len(live), budget))]:
+            due = interrupted + expiring
+            for job_id in due[: max(0, min(target - len(staying), budget))]:
                 replacement = self._submit(JobKind.WORKER)
-                self._worker_replaced.add(job_id)
+                replaced.add(job_id)
                 self._worker_restarts += 1
                 submitted.append(replacement.job_id)
+                if job_id in expiring:
+                    logger.warning(
+                        "worker job %s reaches its walltime in about %d s; submitted worker "
+                        "job %s to take over",
+                        job_id,
+                        max(0, round(walltime - (now - since[job_id]))) if walltime else 0,
+                        replacement.job_id,
+                    )
+                else:
+                    logger.warning(
+                        "worker job %s ended (%s); submitted worker job %s in its place",
+                        job_id,
+                        _describe(statuses[job_id]),
+                        replacement.job_id,
+                    )
+            if due and budget <= 0:
                 logger.warning(
-                    "worker job %s ended (%s); submitted worker job %s in its place",
-                    job_id,
-                    _describe(statuses[job_id]),
-                    replacement.job_id,
-                )
-            if interrupted and budget <= 0:
-                logger.warning(
-                    "worker jobs %s ended and are not replaced: max_restarts (%d per job) "
-                    "is used up",
-                    ", ".join(interrupted),
+                    "worker jobs %s are not replaced: max_restarts (%d per job) is used up",
+                    ", ".join(due),
                     self.spec.max_restarts,
                 )
-                self._worker_replaced.update(interrupted)
+                replaced.update(due)
             return submitted
 
     def _scale_to(self, target: int, idle_jobs: Sequence[str] | None) -> None:

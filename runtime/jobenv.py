@@ -28,7 +28,9 @@ variables (every one optional; without them nothing here happens):
     replaces (written into the scheduler file as ``restarts`` and ``restart_of``, so
     the login node can follow the chain of jobs).
 
-A job in which no task finished is not restarted: it would only loop.
+A job in which no task finished while some ran until the drain gave up on them is not
+restarted: a task longer than a job would only loop. An idle job is restarted (its
+client may come back with work), up to ``HPC_JOB_MAX_RESTARTS``.
 """
 
 from __future__ import annotations
@@ -333,9 +335,14 @@ class DrainGuard:
         summary = await self.scheduler.drain(
             reason, timeout=self.timeout, restart=None if refusal else env.restart
         )
-        if refusal is None and summary["finished"] == 0:
-            refusal = "no task finished in this job, so another would make no progress"
-        await self.scheduler.close(f"drained: {reason}")
+        if refusal is None and summary["finished"] == 0 and summary["abandoned"] > 0:
+            refusal = (
+                f"no task finished in this job and {summary['abandoned']} were still running "
+                "at the drain: a task needs longer than a job runs, so another job would make "
+                "no progress (raise the walltime, or split the task)"
+            )
+        # The workers of other jobs (a cluster's worker jobs) stay for the successor.
+        await self.scheduler.close(f"drained: {reason}", successor=refusal is None)
         successor = None
         if refusal is None:
             loop = asyncio.get_running_loop()

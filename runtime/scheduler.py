@@ -2347,8 +2347,14 @@ class Scheduler:
         logger.info("scheduler listening at %s", self.address)
         return self
 
-    async def close(self, reason: str = "scheduler closing") -> None:
-        """Tell workers to close, drop every connection, stop listening. Idempotent."""
+    async def close(self, reason: str = "scheduler closing", *, successor: bool = False) -> None:
+        """Tell workers to close, drop every connection, stop listening. Idempotent.
+
+        With ``successor`` (a drained job that restarts), only the workers of this
+        scheduler's own batch job are told to close: those of other jobs (a cluster's
+        worker jobs) just lose the connection and wait for the successor scheduler,
+        which they find through the scheduler file.
+        """
         if self._closing:
             if self._closed is not None:
                 await self._closed.wait()
@@ -2363,9 +2369,14 @@ class Scheduler:
         self._orphans.clear()
         if self._listener is not None:
             self._listener.close()
+        from runtime.rendezvous import current_job_id
+
+        own_job = current_job_id() if successor else None
+        workers = self.state.workers
         for name, stream in list(self._streams.items()):
             with contextlib.suppress(Exception):
-                if name in self.state.workers:
+                ws = workers.get(name)
+                if ws is not None and (not successor or ws.job_id == own_job):
                     stream.send({"op": _CLOSE, "reason": reason})
                 stream.close()
         comms = [*self._comms.values(), *self._rpc_comms]

@@ -55,6 +55,12 @@ def executions(runs: Path) -> list[tuple[str, str]]:
     return out
 
 
+def graph_of(value: int):
+    from runtime.delayed import delayed
+
+    return delayed(int)(value)
+
+
 def graph(runs: Path):
     from runtime.delayed import delayed
 
@@ -144,6 +150,53 @@ def test_walltime_drain_requeues_the_job_and_the_client_receives_the_result(
     log = Path(job.log_path or "").read_text(errors="replace")
     assert "draining (" in log and "requeued: its successor is job" in log, log
     check_resumed(runs, f"{job.job_id}-0")
+
+
+@pytest.mark.timeout(240)
+def test_a_scaled_worker_job_gets_its_replacement_before_its_walltime(tmp_path: Path) -> None:
+    """The keeper submits the replacement ``drain_lead`` before the walltime, not after.
+
+    Worker job of a one-minute walltime with a 35 s lead: about 25 s into its run (plus
+    up to one keeper interval) a second worker job is submitted while the first still
+    runs, so that the replacement can queue and start in time.
+    """
+    from runtime.client import Client
+
+    cluster = make_cluster(tmp_path, "resubmit")
+    with cluster, Client(cluster) as client:
+        # A finished task, so that the cluster job's own drain (also 25 s in) restarts
+        # it rather than ending the cluster; the worker job's workers wait for it.
+        assert client.compute(graph_of(3)).result(timeout=60) == 3
+        assert cluster.cluster_job is not None
+        initial = cluster.cluster_job.job_id
+        cluster.scale(1)
+        (first,) = cluster.worker_jobs()
+        cluster.poller.wait([first], lambda s: s.state is JobState.RUNNING, timeout=60)
+        seen_running = time.monotonic()
+
+        def replacement() -> list[str]:
+            return [j for j in cluster.worker_jobs() if j != first]
+
+        (second,) = testing.wait_until(replacement, "a replacement worker job", 90, 0.5)
+        waited = time.monotonic() - seen_running
+        state = cluster.poller.poll()[first].state
+        assert state is JobState.RUNNING, state  # the old job still works meanwhile
+        assert 15 <= waited <= 45, waited  # hand-over at 25 s, give or take the polling
+
+        def first_serves_the_successor() -> bool:
+            # The cluster job drained (by 25 s into its run) and was replaced; the worker
+            # job's workers were not closed with the drained scheduler: they joined the
+            # successor's.
+            job = cluster.cluster_job
+            if job is None or job.job_id == initial:
+                return False
+            try:
+                workers = client.scheduler_info()["workers"].values()
+            except Exception:  # noqa: BLE001 - between two schedulers
+                return False
+            return any(w.get("job_id") == first for w in workers)
+
+        testing.wait_until(first_serves_the_successor, "the old worker job in the successor", 60)
 
 
 def _scontrol_node(node: str, state: str, reason: str = "") -> None:

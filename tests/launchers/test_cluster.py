@@ -651,6 +651,37 @@ def test_scaled_worker_jobs_that_hit_their_walltime_are_replaced(make_cluster, s
     cluster.close()
 
 
+def test_worker_jobs_near_their_walltime_get_a_replacement_before_they_end(
+    make_cluster, system, clock, caplog
+):
+    cluster, _ = running(
+        make_cluster, system, clock, restart="resubmit", walltime="01:00:00", drain_lead="10min"
+    )
+    cluster._start_keeper = lambda: None  # the test calls the keeper's step itself
+    cluster.scale(2)
+    first, second = cluster.worker_jobs()
+    system.states[first] = JobState.RUNNING
+    assert cluster._keep_workers() == []  # first seen running now; second still queued
+    clock.advance(20 * 60)
+    system.states[second] = JobState.RUNNING
+    assert cluster._keep_workers() == []
+    clock.advance(30 * 60)  # first: 50 min into its hour, the hand-over time
+    with caplog.at_level(logging.WARNING, logger="launchers"):
+        (new,) = cluster._keep_workers()
+    assert system.kinds[new] == "worker"
+    assert f"worker job {first} reaches its walltime in about 600 s" in caplog.text
+    assert sorted(cluster.worker_jobs()) == sorted([first, second, new])  # both run a while
+    assert cluster._keep_workers() == []
+    system.states[first] = JobState.TIMEOUT  # it ends as expected: it was replaced already
+    assert cluster._keep_workers() == []
+    clock.advance(20 * 60)  # second's turn
+    (newer,) = cluster._keep_workers()
+    system.states[second] = JobState.TIMEOUT
+    assert cluster._keep_workers() == []
+    assert sorted(cluster.worker_jobs()) == sorted([new, newer])
+    cluster.close()
+
+
 def test_without_restarts_or_when_adapting_ended_workers_are_left_alone(
     make_cluster, system, clock
 ):

@@ -188,16 +188,59 @@ def test_drain_signal_drains_the_scheduler() -> None:
     assert done == [None] and s.closed
 
 
-def test_a_job_that_made_no_progress_is_not_restarted(
+class _DrainedScheduler:
+    """Stands in for a Scheduler whose drain ended with ``summary``."""
+
+    def __init__(self, summary: dict[str, int]) -> None:
+        self.summary = summary
+        self.closed = False
+        self.successor: bool | None = None
+        self.scheduler_file = "/shared/s.json"
+
+    async def drain(self, reason: str, *, timeout: Any = None, restart: Any = None) -> dict:
+        return self.summary
+
+    async def close(self, reason: str, *, successor: bool = False) -> None:
+        self.closed = True
+        self.successor = successor
+
+
+@pytest.mark.parametrize(
+    ("finished", "abandoned", "restarted"),
+    [(0, 2, False), (0, 0, True), (3, 1, True), (5, 0, True)],
+    ids=["no-progress", "idle", "progress-and-abandoned", "progress"],
+)
+def test_a_job_restarts_unless_its_running_tasks_could_not_finish_in_it(
+    finished: int,
+    abandoned: int,
+    restarted: bool,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    env = JobEnvironment(
-        system="slurm", job_id="9", drain_at=time.time(), restart="resubmit", script="/x.sh"
+    env = JobEnvironment(system="slurm", job_id="9", restart="resubmit", script="/x.sh")
+    calls: list[Any] = []
+    monkeypatch.setattr(
+        JobEnvironment, "restart_job", lambda self, path, **kw: calls.append(path) or "10"
     )
+    scheduler = _DrainedScheduler({"finished": finished, "abandoned": abandoned})
+    done: list[Any] = []
+
+    async def scenario() -> None:
+        guard = DrainGuard(scheduler, env, timeout=1.0, on_done=done.append)
+        guard.trigger("the job's walltime is near")
+        await guard.finished()
+
     with caplog.at_level("WARNING", logger=jobenv.__name__):
-        done, _ = _serve_until_drained(env)
-    assert done == [None]
-    assert "no task finished" in caplog.text
+        asyncio.run(scenario())
+    assert scheduler.closed
+    if restarted:
+        assert calls == ["/shared/s.json"] and done == ["10"]
+        assert scheduler.successor  # other jobs' workers are left to wait for it
+    else:
+        assert calls == [] and done == [None]
+        assert not scheduler.successor  # every worker is told to close
+        assert "no task finished in this job and 2 were still running" in caplog.text
+        assert "raise the walltime" in caplog.text
 
 
 SCRIPT = """

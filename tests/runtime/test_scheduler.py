@@ -8,6 +8,7 @@ processes (``python -m runtime.worker``) and kill them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from runtime import comm, protocol, testing
-from runtime.errors import HandshakeError, KilledWorker
+from runtime.errors import CommClosedError, HandshakeError, KilledWorker
 from runtime.rendezvous import read_scheduler_file
 from runtime.scheduler import Scheduler, main
 from runtime.serialize import dumps, loads
@@ -49,7 +50,13 @@ class Peer:
 
     @classmethod
     async def worker(
-        cls, scheduler: Scheduler, address: str, *, nthreads: int = 1, versions: Any = None
+        cls,
+        scheduler: Scheduler,
+        address: str,
+        *,
+        nthreads: int = 1,
+        versions: Any = None,
+        job_id: str | None = None,
     ) -> Peer:
         conn = await comm.connect(scheduler.address, scheduler.secret, role="worker")
         conn.write(
@@ -63,7 +70,7 @@ class Peer:
                     "pid": 4242,
                     "host": "node-1",
                     "versions": protocol.versions() if versions is None else versions,
-                    "job_id": None,
+                    "job_id": job_id,
                 }
             ]
         )
@@ -253,6 +260,29 @@ def test_drain_sends_no_new_tasks_and_waits_for_running_ones() -> None:
             assert again in set(tasks) - set(running)
 
     run(scenario())
+
+
+def test_closing_for_a_successor_leaves_the_workers_of_other_jobs_to_wait_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "700")  # the scheduler's own batch job
+
+    async def scenario() -> tuple[list[dict], list[dict]]:
+        async with sched() as s:
+            own = await Peer.worker(s, "tcp://127.0.0.1:50001", job_id="700")
+            other = await Peer.worker(s, "tcp://127.0.0.1:50002", job_id="701")
+            await own.expect("ok")
+            await other.expect("ok")
+            await s.close("drained: test", successor=True)
+            for peer in (own, other):
+                with contextlib.suppress(CommClosedError):
+                    while True:
+                        peer.inbox.extend(await asyncio.wait_for(peer.comm.read(), TIMEOUT))
+            return own.inbox, other.inbox
+
+    own, other = run(scenario())
+    assert [m["reason"] for m in own if m["op"] == "close"] == ["drained: test"]
+    assert not [m for m in other if m["op"] == "close"]  # only the connection ended
 
 
 def test_drain_abandons_tasks_still_running_at_its_timeout() -> None:
