@@ -950,6 +950,14 @@ class JobQueueCluster:
                     f"start the cluster before scaling it: {type(self).__name__}.start()"
                 )
             live = self.worker_jobs()
+            # Jobs replaced ahead of their walltime are on their way out: they do not
+            # count, and go early only when no worker is wanted at all.
+            leaving = [j for j in live if j in self._worker_replaced]
+            live = [j for j in live if j not in self._worker_replaced]
+            if target == 0 and leaving:
+                if self.retire_jobs is not None:
+                    self.retire_jobs(leaving)
+                self._cancel(leaving)
             if target > len(live):
                 for _ in range(target - len(live)):
                     self._submit(JobKind.WORKER)

@@ -672,6 +672,10 @@ def test_worker_jobs_near_their_walltime_get_a_replacement_before_they_end(
     assert f"worker job {first} reaches its walltime in about 600 s" in caplog.text
     assert sorted(cluster.worker_jobs()) == sorted([first, second, new])  # both run a while
     assert cluster._keep_workers() == []
+    cluster.scale(2)  # the leaving job does not count: nothing to add or cancel
+    assert system.cancel_calls == [] and sorted(cluster.worker_jobs()) == sorted(
+        [first, second, new]
+    )
     system.states[first] = JobState.TIMEOUT  # it ends as expected: it was replaced already
     assert cluster._keep_workers() == []
     clock.advance(20 * 60)  # second's turn
@@ -679,6 +683,25 @@ def test_worker_jobs_near_their_walltime_get_a_replacement_before_they_end(
     system.states[second] = JobState.TIMEOUT
     assert cluster._keep_workers() == []
     assert sorted(cluster.worker_jobs()) == sorted([new, newer])
+    cluster.close()
+
+
+def test_scaling_to_zero_also_cancels_worker_jobs_replaced_ahead_of_their_walltime(
+    make_cluster, system, clock
+):
+    cluster, _ = running(
+        make_cluster, system, clock, restart="resubmit", walltime="01:00:00", drain_lead="10min"
+    )
+    cluster._start_keeper = lambda: None
+    cluster.scale(1)
+    (first,) = cluster.worker_jobs()
+    system.states[first] = JobState.RUNNING
+    cluster._keep_workers()
+    clock.advance(50 * 60)
+    (new,) = cluster._keep_workers()
+    cluster.scale(0)
+    assert cluster.worker_jobs() == []
+    assert sorted(j for call in system.cancel_calls for j in call) == sorted([first, new])
     cluster.close()
 
 
