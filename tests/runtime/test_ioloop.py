@@ -63,8 +63,11 @@ def test_run_sync_timeout_cancels_the_coroutine(fresh_loop):
 
 
 def test_run_sync_from_the_loop_thread_refuses_instead_of_deadlocking(fresh_loop):
+    async def answer() -> str:
+        return "x"
+
     async def nested() -> str:
-        inner = asyncio.sleep(0, result="x")
+        inner = answer()  # a coroutine handed to run_sync, never awaited here
         try:
             run_sync(inner)
         except RuntimeError as exc:

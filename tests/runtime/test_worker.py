@@ -304,11 +304,17 @@ def test_close_requested_again_while_closing_does_not_stall_the_close() -> None:
     async def body() -> None:
         async with FakeScheduler() as s, Worker(s.address, secret=s.secret) as w:
             loop = asyncio.get_running_loop()
+            tearing_down = asyncio.Event()
+            teardown = w._teardown
+
+            async def observed_teardown() -> None:
+                tearing_down.set()  # the first close is under way
+                await teardown()
+
+            w._teardown = observed_teardown  # type: ignore[method-assign]
             started = loop.time()
             w.request_close("scheduler closing")
-            # One loop step, not a wait: the close task starts and blocks on its
-            # comms (a poll would miss CLOSING: the whole close takes milliseconds).
-            await asyncio.sleep(0)
+            await tearing_down.wait()
             assert w.status is WorkerStatus.CLOSING
             w.request_close("signal SIGTERM")  # e.g. SIGTERM arriving meanwhile
             await w.finished()
