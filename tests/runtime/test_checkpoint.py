@@ -27,6 +27,7 @@ from runtime import checkpoint as ck
 from runtime import config, local
 from runtime.checkpoint import CheckpointStore, identity_tokens
 from runtime.errors import CheckpointError, ConfigError, SerializationError
+from tests.runtime.conftest import SaveProbe
 
 SCHEDULERS = ["sync", "threads", "processes"]
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -388,17 +389,9 @@ def test_writer_writes_in_its_thread_then_calls_back_and_close_waits(tmp_path: P
 
 
 def test_writer_refuses_beyond_its_backlog_so_the_caller_writes_itself(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, checkpoint_saves: SaveProbe
 ) -> None:
-    started, release = threading.Event(), threading.Event()
-    save = ck.save_quietly
-
-    def held_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
-        started.set()
-        assert release.wait(60)
-        return save(directory, token, value, key)
-
-    monkeypatch.setattr(ck, "save_quietly", held_save)
+    started, release = checkpoint_saves.hold().started, checkpoint_saves.release
     writer = ck.CheckpointWriter(backlog=2)
     first, second, third, fourth = _tokens(4)
     assert writer.submit(str(tmp_path), first, 1, "a", lambda: None)
@@ -559,16 +552,9 @@ def test_changed_argument_recomputes_that_branch_and_downstream_only(
 
 @pytest.mark.parametrize("name", ["sync", "threads"])
 def test_in_process_schedulers_compute_on_while_the_writer_thread_writes(
-    name: str, store_dir: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, store_dir: Path, checkpoint_saves: SaveProbe
 ) -> None:
-    release = threading.Event()
-    save = ck.save_quietly
-
-    def held_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
-        assert release.wait(30), "a task waited for a checkpoint write"
-        return save(directory, token, value, key)
-
-    monkeypatch.setattr(ck, "save_quietly", held_save)
+    release = checkpoint_saves.hold().release
     stored_meanwhile: list[int] = []
 
     def second(x: int) -> int:
@@ -584,16 +570,9 @@ def test_in_process_schedulers_compute_on_while_the_writer_thread_writes(
 
 
 def test_local_writes_stay_in_the_task_thread_when_background_writes_are_off(
-    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+    store_dir: Path, checkpoint_saves: SaveProbe
 ) -> None:
-    threads: list[str] = []
-    save = ck.save_quietly
-
-    def recording_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
-        threads.append(threading.current_thread().name)
-        return save(directory, token, value, key)
-
-    monkeypatch.setattr(ck, "save_quietly", recording_save)
+    threads = checkpoint_saves.threads
     total = hpc.delayed(sum)([hpc.delayed(operator.add)(i, 1) for i in range(4)])
     with config.set({"checkpoint.background-writes": False}):
         assert total.compute(checkpoint=store_dir, scheduler="sync") == 10

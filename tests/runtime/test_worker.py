@@ -39,6 +39,7 @@ from runtime.worker import (
     parse_memory_limit,
     read_secret_file,
 )
+from tests.runtime.conftest import SaveProbe
 
 TIMEOUT = 20.0
 REPO = Path(__file__).resolve().parents[2]
@@ -891,22 +892,11 @@ def test_task_with_a_checkpoint_writes_it_before_reporting(tmp_path: Path) -> No
 
 
 def test_task_thread_goes_on_while_a_checkpoint_is_written_and_reports_it_once_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, checkpoint_saves: SaveProbe
 ) -> None:
-    from runtime import checkpoint
     from runtime.checkpoint import CheckpointStore
 
-    written = threading.Event()
-    release = threading.Event()
-    save = checkpoint.save_quietly
-
-    def held_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
-        assert release.wait(TIMEOUT), "the test never released the write"
-        ok = save(directory, token, value, key)
-        written.set()
-        return ok
-
-    monkeypatch.setattr(checkpoint, "save_quietly", held_save)
+    release, written = checkpoint_saves.hold().release, checkpoint_saves.written
 
     async def body() -> None:
         async with FakeScheduler() as s, Worker(s.address, secret=s.secret, nthreads=1) as w:
@@ -926,21 +916,11 @@ def test_task_thread_goes_on_while_a_checkpoint_is_written_and_reports_it_once_w
 
 
 def test_closing_worker_waits_for_the_checkpoints_being_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, checkpoint_saves: SaveProbe
 ) -> None:
-    from runtime import checkpoint
     from runtime.checkpoint import CheckpointStore
 
-    started = threading.Event()
-    release = threading.Event()
-    save = checkpoint.save_quietly
-
-    def held_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
-        started.set()
-        assert release.wait(TIMEOUT), "the test never released the write"
-        return save(directory, token, value, key)
-
-    monkeypatch.setattr(checkpoint, "save_quietly", held_save)
+    started, release = checkpoint_saves.hold().started, checkpoint_saves.release
 
     async def body() -> None:
         async with FakeScheduler() as s:
@@ -960,18 +940,9 @@ def test_closing_worker_waits_for_the_checkpoints_being_written(
 
 
 def test_checkpoint_writes_happen_in_the_task_thread_when_background_writes_are_off(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, checkpoint_saves: SaveProbe
 ) -> None:
-    from runtime import checkpoint
-
-    threads: list[str] = []
-    save = checkpoint.save_quietly
-
-    def recording_save(directory: str, token: str, value: Any, key: Any = None) -> bool:
-        threads.append(threading.current_thread().name)
-        return save(directory, token, value, key)
-
-    monkeypatch.setattr(checkpoint, "save_quietly", recording_save)
+    threads = checkpoint_saves.threads
 
     async def body() -> None:
         async with FakeScheduler() as s, Worker(s.address, secret=s.secret, name="w1") as w:
