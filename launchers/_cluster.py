@@ -116,6 +116,13 @@ def _log_tail(path: str | None) -> str:
     return "\n--- last lines of the job's output ---\n" + "\n".join(lines[-_LOG_TAIL_LINES:])
 
 
+def _halt(thread: threading.Thread | None, stop: threading.Event) -> None:
+    """Stop a :meth:`JobQueueCluster._repeat` thread and wait for it (unless it is us)."""
+    stop.set()
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+
+
 def _describe(status: JobStatus) -> str:
     text = status.state.value
     if status.reason:
@@ -822,10 +829,7 @@ class JobQueueCluster:
             )
 
     def _stop_keeper(self) -> None:
-        thread = self._keeper_thread
-        self._keeper_stop.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        _halt(self._keeper_thread, self._keeper_stop)
         self._keeper_thread = None
 
     def _repeat(
@@ -1063,10 +1067,7 @@ class JobQueueCluster:
 
     def stop_adapt(self) -> None:
         """Stop adapting (the jobs stay as they are)."""
-        thread = self._adapt_thread
-        self._adapt_stop.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        _halt(self._adapt_thread, self._adapt_stop)
         self._adapt_thread = None
         self._adaptive = None
 
