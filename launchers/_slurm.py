@@ -257,6 +257,22 @@ class SlurmSystem(JobSystem):
         """
         return spec.drain_after is not None and uses_srun(spec)
 
+    def rank_prefix(self, spec: JobSpec) -> list[str]:
+        """Start each rank with the drain signal ignored, when SLURM is to send it.
+
+        SLURM sends ``--signal`` at its first time-limit check that finds the job
+        within ``drain_lead`` plus the check's period (about 30 s) of its end: with a
+        walltime near ``drain_lead`` that can be as the ranks start, before Python has
+        set any handler, and the signal's default action (USR2, TERM) would kill them.
+        ``/bin/sh -c 'trap "" SIG; exec "$@"'`` makes the ranks ignore it from their
+        first instruction (an ignored signal stays ignored across ``exec``); the
+        scheduler then sets its handler, and a signal before that is covered by
+        ``HPC_JOB_DRAIN_AT``, the same drain time.
+        """
+        if not self.signals_drain(spec):
+            return []
+        return ["/bin/sh", "-c", f'trap "" {spec.drain_signal}; exec "$@"', "hpc-rank"]
+
     def submit_command(
         self,
         script_path: str,

@@ -233,6 +233,14 @@ class JobSystem(abc.ABC):
 
     # --- rendering -----------------------------------------------------------------
 
+    def rank_prefix(self, spec: JobSpec) -> list[str]:
+        """Return what each rank's command starts with, before the Python interpreter.
+
+        Nothing by default; see :meth:`SlurmSystem.rank_prefix
+        <launchers.SlurmSystem.rank_prefix>`.
+        """
+        return []
+
     def launch_command(
         self,
         spec: JobSpec,
@@ -244,7 +252,7 @@ class JobSystem(abc.ABC):
     ) -> list[str]:
         """Return the command that starts the job's MPI ranks, unquoted.
 
-        ``<launcher> -n RANKS [flags] <python> -m runtime.mpi [--no-scheduler]
+        ``<launcher> -n RANKS [flags] [rank prefix] <python> -m runtime.mpi [--no-scheduler]
         --scheduler-file F [--interface IF] --nthreads C [--memory-limit M]
         [runtime_args] [--script S ARGS]``: each worker rank gets the task's cores as
         threads and, when memory is set, the node's memory divided by its ranks.
@@ -277,6 +285,7 @@ class JobSystem(abc.ABC):
             elif spec.mpi_implementation is MPIImplementation.MPICH:
                 argv.append("-disable-auto-cleanup")
         argv += spec.mpi_args
+        argv += self.rank_prefix(spec)
         argv += [python, "-m", "runtime.mpi"]
         if kind is JobKind.WORKER:
             argv.append("--no-scheduler")

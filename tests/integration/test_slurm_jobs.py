@@ -6,6 +6,7 @@ SLURM test and has been running out its walltime meanwhile.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -294,6 +295,42 @@ def test_drain_signal_and_requeue_directives_are_accepted_by_sbatch(tmp_path, ca
         ["sbatch", "--test-only", job.script_path], capture_output=True, text=True, check=False
     )
     assert test_only.returncode == 0, test_only.stderr
+
+
+def test_srun_ranks_start_with_the_drain_signal_ignored(tmp_path, cancel_jobs):
+    """SLURM may send ``--signal`` as the step starts: no rank may die of it then.
+
+    The ranks' "python" here is a shell script that records which signals its process
+    started with ignored (``SigIgn`` in ``/proc``), as the interpreter would inherit
+    them. With a walltime the drain signal (USR2) must be among them; without one
+    (no ``--signal``) it is not, so the ignore comes from the rendered launch line.
+    """
+    probe = tmp_path / "rank-python"
+    record = f"{tmp_path}/sigign.$SLURM_JOB_ID.$SLURM_PROCID"
+    probe.write_text(f"#!/bin/sh\ngrep SigIgn /proc/$$/status > {record}\n")
+    probe.chmod(0o755)
+    system = SlurmSystem()
+    jobs = {}
+    for walltime in ("00:05:00", None):
+        spec = JobSpec(
+            walltime=walltime,
+            mpi_launcher="srun",
+            tasks_per_node=2,
+            python=str(probe),
+            log_directory=str(tmp_path),
+            working_directory=str(tmp_path),
+        )
+        job = system.submit_job(spec, JobKind.WORKER, scheduler_file=str(tmp_path / "s.json"))
+        jobs[walltime] = cancel_jobs(system, job.job_id)
+    done = poller_for(system).wait(list(jobs.values()), lambda s: s.state.is_terminal, timeout=90)
+    assert {s.state for s in done.values()} == {JobState.COMPLETED}, done
+
+    def usr2_ignored(job_id: str) -> list[bool]:
+        masks = [(tmp_path / f"sigign.{job_id}.{rank}").read_text().split()[1] for rank in (0, 1)]
+        return [bool(int(mask, 16) & (1 << (signal.SIGUSR2 - 1))) for mask in masks]
+
+    assert usr2_ignored(jobs["00:05:00"]) == [True, True]
+    assert usr2_ignored(jobs[None]) == [False, False]
 
 
 def test_a_restart_submission_passes_its_variables_and_keeps_the_environment(

@@ -315,6 +315,11 @@ def test_a_batch_script_drained_at_its_walltime_runs_again_and_finishes(tmp_path
 
     try:
         line = testing.wait_until(result, "the script's result in a job log", 360, 1.0)
+    except TimeoutError:
+        text = "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')}" for p in logs.glob("*.log")
+        )
+        pytest.fail(f"no RESULT line in the chain's job logs:\n{text}")
     finally:
         ids = [p.stem.rsplit("-", 1)[-1] for p in logs.glob("*.log")]
         subprocess.run(["scancel", *ids], capture_output=True, timeout=30, check=False)

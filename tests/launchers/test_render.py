@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -41,6 +42,9 @@ HOSTILE_NEWLINE = "/tmp/two\nlines/sched.json"
 HOSTILE_SCRIPT = "/home/u/$(touch pwned)/my script.py"
 HOSTILE_ARGS = ["a b", "c;d", "$HOME", "'q'", "line\nbreak", "*", ""]
 HOSTILE_SCRIPT_PATH = f"{HOSTILE_DIR}/my_job_rm_-rf_HOME-cluster-golden.sh"
+
+# What srun's ranks start with when SLURM is to send them the drain signal (USR2).
+IGNORE_USR2 = ["/bin/sh", "-c", 'trap "" USR2; exec "$@"', "hpc-rank"]
 
 
 def check_golden(name: str, text: str) -> None:
@@ -260,7 +264,10 @@ def test_unbalanced_quote_in_extra_directive_is_a_config_error():
             {"mpi_launcher": "mpiexec", "mpi_implementation": "openmpi"},
             ["mpiexec", "-n", "2"],
         ),
-        ({"mpi_launcher": "srun"}, ["srun", "-n", "2", "--kill-on-bad-exit=0"]),
+        (
+            {"mpi_launcher": "srun"},
+            ["srun", "-n", "2", "--kill-on-bad-exit=0", *IGNORE_USR2],
+        ),
         ({"mpi_launcher": "mpiexec", "mpi_disable_auto_cleanup": False}, ["mpiexec", "-n", "2"]),
         (
             {"mpi_launcher": "/opt/mpich/bin/mpiexec", "mpi_args": ["-ppn", "2"]},
@@ -282,6 +289,43 @@ def test_launcher_flags_keep_other_ranks_alive_where_the_launcher_allows(changes
         "--nthreads",
         "1",
     ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "prefixed"),
+    [
+        ({"mpi_launcher": "srun"}, True),
+        ({"mpi_launcher": "srun", "walltime": None}, False),  # no --signal: nothing to ignore
+        ({"mpi_launcher": "mpiexec"}, False),  # SLURM signals steps: mpiexec's ranks get none
+    ],
+)
+def test_srun_ranks_ignore_the_drain_signal_until_the_scheduler_handles_it(changes, prefixed):
+    argv = SlurmSystem().launch_command(
+        minimal_spec(**changes), JobKind.WORKER, scheduler_file="/s"
+    )
+    assert (IGNORE_USR2[0] in argv) is prefixed
+    assert PBSSystem().rank_prefix(minimal_spec(**changes)) == []  # PBS sends no such signal
+
+
+def test_the_rank_prefix_keeps_the_signal_ignored_into_the_program_it_runs():
+    """The prefix's ignore outlives ``exec``: the program is started with it in force."""
+    spec = minimal_spec(mpi_launcher="srun", drain_signal="TERM")
+    prefix = SlurmSystem().rank_prefix(spec)
+    program = "import sys; print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen(
+        [*prefix, sys.executable, "-c", program],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        child.send_signal(signal.SIGTERM)  # would end it, were it not ignored
+        child.communicate("", timeout=30)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 0
 
 
 def test_worker_job_joins_with_no_scheduler_flag_interface_and_worker_size():

@@ -24,4 +24,4 @@ export HPC_JOB_SCRIPT=/scratch/alice/logs/analysis-cluster-golden.sh
 module load python/3.11
 source /home/alice/venv/bin/activate
 cd -- /home/alice/project
-exec srun -n 8 --kill-on-bad-exit=0 --mpi=pmi2 /home/alice/venv/bin/python -m runtime.mpi --scheduler-file /scratch/alice/sched.json --interface ib0 --nthreads 2 --memory-limit 16384MiB
+exec srun -n 8 --kill-on-bad-exit=0 --mpi=pmi2 /bin/sh -c 'trap "" USR2; exec "$@"' hpc-rank /home/alice/venv/bin/python -m runtime.mpi --scheduler-file /scratch/alice/sched.json --interface ib0 --nthreads 2 --memory-limit 16384MiB

@@ -15,4 +15,4 @@ export HPC_JOB_RESTART=requeue
 export HPC_JOB_MAX_RESTARTS=3
 export HPC_JOB_SCRIPT=/work/run/hpc-logs/hpc-cluster-golden.sh
 cd -- /work/run
-exec srun -n 2 --kill-on-bad-exit=0 /opt/python/bin/python3 -m runtime.mpi --scheduler-file /work/run/sched.json --nthreads 1
+exec srun -n 2 --kill-on-bad-exit=0 /bin/sh -c 'trap "" TERM; exec "$@"' hpc-rank /opt/python/bin/python3 -m runtime.mpi --scheduler-file /work/run/sched.json --nthreads 1
