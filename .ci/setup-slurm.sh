@@ -86,6 +86,9 @@ new_conf=$(
 ClusterName=hpc-ci
 SlurmctldHost=$node
 AuthType=auth/munge
+# A requeued job waits out its step credential's lifetime before it starts again
+# (120 s by default): 20 s keeps the requeue tests short.
+AuthInfo=cred_expire=20
 SlurmUser=root
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
