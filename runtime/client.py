@@ -75,7 +75,7 @@ from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Literal, NamedTuple
 
-from runtime.errors import GraphError, HPCError, SchedulerError, SerializationError
+from runtime.errors import GraphError, HandshakeError, HPCError, SchedulerError, SerializationError
 
 __all__ = [
     "ALL_COMPLETED",
@@ -108,6 +108,9 @@ _REFETCH_TIMEOUT = 60.0
 # After an unannounced disconnect, how long the client tries the same scheduler again
 # before it waits for a successor.
 _SAME_SCHEDULER_TIMEOUT = 3.0
+# A successor scheduler that cannot be reached for these may be gone already, its own
+# successor on the way: the client follows the chain (a HandshakeError is not that).
+_SUCCESSOR_GONE = (OSError, TimeoutError)
 _FETCH_ATTEMPTS = 5
 # Seconds releases of dropped futures wait, to leave in one message with later ones.
 _RELEASE_DELAY = 0.01
@@ -1112,7 +1115,6 @@ class Client:
         asyncio.ensure_future(self._reconnect(err, plan))
 
     async def _reconnect(self, err: BaseException, plan: str) -> None:
-        import asyncio
 
         configured = _config("distributed.client.reconnect-timeout", None)
         timeout = None if configured is None else _seconds(configured, 0.0)
@@ -1139,37 +1141,65 @@ class Client:
         if plan == "same":
             self._fail_reconnect(err, why)
             return
-        try:
-            # A daemon thread, not the loop's executor: the wait may be long, and an
-            # executor thread would hold up the interpreter's exit until it ends.
-            loop = asyncio.get_running_loop()
-            waiting: asyncio.Future[Any] = loop.create_future()
-            successor = self._successor
-
-            def wait() -> None:
-                try:
-                    result: Any = successor(previous, timeout)
-                except BaseException as exc:  # handed to the awaiting coroutine
-                    loop.call_soon_threadsafe(_resolve_future, waiting, None, exc)
-                else:
-                    loop.call_soon_threadsafe(_resolve_future, waiting, result, None)
-
-            threading.Thread(target=wait, name=f"{self.id}-successor", daemon=True).start()
-            info = await waiting
-            if info is not None:
-                self.scheduler_address = str(_info_field(info, "address"))
-                self._secret = bytes(_info_field(info, "secret"))
-                self._scheduler_doc = dict(info)
-                self._restart_notice = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                info = await self._wait_for_successor(previous, remaining)
+            except Exception as exc:  # the cluster could not follow its job
+                info, why = None, f"no successor scheduler could be found: {exc!r}"
+                break
+            if info is None:
+                break
+            self.scheduler_address = str(_info_field(info, "address"))
+            self._secret = bytes(_info_field(info, "secret"))
+            self._scheduler_doc = dict(info)
+            self._restart_notice = None
+            try:
                 await self._connect()
-        except Exception as exc:  # the successor could not be reached
-            info = None
-            why = f"could not connect to the successor scheduler: {exc!r}"
+            except _SUCCESSOR_GONE as exc:
+                if isinstance(exc, HandshakeError):  # the wrong secret: waiting will not mend it
+                    info, why = None, f"could not connect to the successor scheduler: {exc!r}"
+                    break
+                # Gone already: a job that drained as it started (SLURM's --signal can
+                # come that early) has restarted in its turn. Follow the chain.
+                logger.warning(
+                    "client %s could not reach the successor scheduler at %s (%r); waiting "
+                    "for the scheduler that follows it", self.id, self.scheduler_address, exc,
+                )  # fmt: skip
+                why = f"could not connect to the successor scheduler: {exc!r}"
+                previous = dict(info)
+                continue
+            except Exception as exc:  # refused, or another version: say so now
+                info, why = None, f"could not connect to the successor scheduler: {exc!r}"
+            break
         if info is None or self._status is not _ClientStatus.RUNNING:
             self._fail_reconnect(err, why)
             return
         logger.warning("client %s reconnected to %s", self.id, self.scheduler_address)
         self._resume_after_reconnect()
+
+    async def _wait_for_successor(self, previous: Mapping[str, Any], timeout: float | None) -> Any:
+        """The successor's scheduler file (``None``: none came), waited for in a thread."""
+        import asyncio
+
+        # A daemon thread, not the loop's executor: the wait may be long, and an
+        # executor thread would hold up the interpreter's exit until it ends.
+        loop = asyncio.get_running_loop()
+        waiting: asyncio.Future[Any] = loop.create_future()
+        successor = self._successor
+        assert successor is not None
+
+        def wait() -> None:
+            try:
+                result: Any = successor(previous, timeout)
+            except BaseException as exc:  # handed to the awaiting coroutine
+                loop.call_soon_threadsafe(_resolve_future, waiting, None, exc)
+            else:
+                loop.call_soon_threadsafe(_resolve_future, waiting, result, None)
+
+        threading.Thread(target=wait, name=f"{self.id}-successor", daemon=True).start()
+        return await waiting
 
     def _fail_reconnect(self, err: BaseException, why: str) -> None:
         self._reconnecting = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -325,9 +326,33 @@ class Successions:
         return read_scheduler_file(self.procs.scheduler_file)
 
 
+class FirstSuccessorGone(Successions):
+    """The first successor is gone before the client reaches it; the next one is there.
+
+    As when a job drains as soon as it starts (SLURM may send ``--signal`` that early)
+    and restarts in its turn: the client must wait again, from the gone one.
+    """
+
+    def __init__(self, procs: Processes) -> None:
+        super().__init__(procs)
+        with socket.socket() as unused:  # a port nothing listens on once closed
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        self.gone = {**self.scheduler_info, "address": f"tcp://127.0.0.1:{port}", "pid": 1}
+        self.previous: list[str] = []
+
+    def _await_scheduler(self, previous: dict[str, Any], timeout: float | None) -> Any:
+        self.previous.append(previous["address"])
+        if not self.calls:
+            self.calls += 1
+            return self.gone
+        return super()._await_scheduler(self.scheduler_info, timeout)
+
+
+@pytest.mark.parametrize("succession", [Successions, FirstSuccessorGone])
 @pytest.mark.timeout(240)
 def test_drained_scheduler_the_client_waits_for_its_successor_and_gets_the_result(
-    procs: Processes, tmp_path: Path
+    procs: Processes, tmp_path: Path, succession: type[Successions]
 ) -> None:
     runs, gate, store = tmp_path / "runs", tmp_path / "gate", tmp_path / "store"
     runs.mkdir()
@@ -335,8 +360,9 @@ def test_drained_scheduler_the_client_waits_for_its_successor_and_gets_the_resul
         {"HPC_JOB_DRAIN_SIGNAL": "USR2", "HPC_DISTRIBUTED__SCHEDULER__DRAIN_TIMEOUT": "0.2s"}
     )
     procs.workers()
-    cluster = Successions(procs)
-    with hpc.Client(cluster, set_as_default=False) as client:
+    cluster = succession(procs)
+    # A short connect timeout: the gone successor is given up on sooner.
+    with hpc.Client(cluster, set_as_default=False, timeout=5) as client:
         future = client.compute(build(str(runs), str(gate)), checkpoint=store)
         below = 2 * LEAVES - 1 - (2 ** (LEAVES.bit_length() - GATED_LEVEL) - 1)
         wait_until(lambda: len(finished_labels(runs)) >= below, "the tasks below the gate")
@@ -347,7 +373,11 @@ def test_drained_scheduler_the_client_waits_for_its_successor_and_gets_the_resul
         before = finished_labels(runs)
         gate.touch()
         assert future.result(timeout=TIMEOUT) == expected()
-        assert cluster.calls == 1
+        if isinstance(cluster, FirstSuccessorGone):
+            first = cluster.scheduler_address
+            assert (cluster.calls, cluster.previous) == (2, [first, cluster.gone["address"]])
+        else:
+            assert cluster.calls == 1
     after = finished_labels(runs)
     assert_mostly_not_executed_again(before, after)
     assert set(after) == set(finished_labels_expected())
