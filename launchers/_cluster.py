@@ -49,7 +49,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
@@ -94,14 +94,42 @@ class ClusterStatus(enum.Enum):
     CLOSED = "closed"
 
 
-def _cancel_quietly(system: JobSystem, job_ids: list[str]) -> None:
-    """Finalizer: cancel what is left; never raise (it may run at interpreter exit)."""
+def _cancel_quietly(
+    system: JobSystem, job_ids: list[str], scheduler_file: str | None, known: Mapping[str, Any]
+) -> None:
+    """Finalizer: cancel what is left; never raise (it may run at interpreter exit).
+
+    ``scheduler_file`` is that of a cluster whose job may restart itself (else ``None``).
+    """
     if not job_ids:
         return
+    ids = list(job_ids)
+    if scheduler_file is not None:
+        ids += _end_restarts(scheduler_file, known)
     try:
-        system.cancel(list(job_ids))
+        system.cancel(ids)
     except Exception as exc:  # noqa: BLE001 - a finalizer must not raise
-        logger.warning("could not cancel jobs %s on exit: %s", job_ids, exc)
+        logger.warning("could not cancel jobs %s on exit: %s", ids, exc)
+
+
+def _end_restarts(scheduler_file: str, known: Iterable[str]) -> list[str]:
+    """Stop the cluster job's restarts; return the restart it submitted that is not ``known``.
+
+    Marks the cluster closed beside its scheduler file first: a cluster job that drains
+    after this does not restart, and a restart submitted meanwhile ends as it starts.
+    Then a successor the job already named (it submitted its own replacement just
+    before the cluster closed, not yet followed) is returned, to be cancelled too.
+    """
+    with contextlib.suppress(OSError):
+        rendezvous.mark_closed(scheduler_file, "the cluster was closed")
+    try:
+        text = Path(rendezvous.successor_path(scheduler_file)).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    text = text.strip()
+    if not _JOB_ID.match(text) or any(same_job(text, job_id) for job_id in known):
+        return []
+    return [text]
 
 
 def _log_tail(path: str | None) -> str:
@@ -238,7 +266,10 @@ class JobQueueCluster:
         self.retire_jobs: Callable[[Sequence[str]], None] | None = None
         # Shared with the finalizer: ids of jobs to cancel if close() is never called.
         self._live_ids: list[str] = []
-        self._finalizer = weakref.finalize(self, _cancel_quietly, self.system, self._live_ids)
+        restarting = self._scheduler_file if spec.restart is not RestartMode.NONE else None
+        self._finalizer = weakref.finalize(
+            self, _cancel_quietly, self.system, self._live_ids, restarting, self._jobs
+        )
 
     # --- scripts -------------------------------------------------------------------
 
@@ -304,7 +335,8 @@ class JobQueueCluster:
     def _remove_stale_scheduler_file(self) -> None:
         # A file left by an earlier cluster at this path would send workers and clients
         # to a scheduler that is gone, or the cluster to a job that is not its own.
-        for path in (self._scheduler_file, self._successor_file):
+        closed = rendezvous.closed_path(self._scheduler_file)
+        for path in (self._scheduler_file, self._successor_file, closed):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 logger.info("removed stale %s", path)
@@ -594,6 +626,9 @@ class JobQueueCluster:
             ids = self._live_job_ids()
             address = self._info["address"] if self._info else None
             self._finalizer.detach()
+            known = list(self._jobs)
+        if ids and self.spec.restart is not RestartMode.NONE:  # it may restart itself
+            ids += _end_restarts(self._scheduler_file, known)
         try:
             self._cancel(ids)
         finally:

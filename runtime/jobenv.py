@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from runtime.errors import HPCError
-from runtime.rendezvous import successor_path, write_successor
+from runtime.rendezvous import closed_reason, successor_path, write_successor
 
 __all__ = ["RESTART_POLICIES", "DrainGuard", "JobEnvironment", "JobEnvironmentError"]
 
@@ -161,12 +161,20 @@ class JobEnvironment:
         """Whether this job drains before its end (a deadline or a drain signal is set)."""
         return self.drain_at is not None or self.drain_signal is not None
 
-    def restart_refusal(self) -> str | None:
-        """Why this job would not restart after a drain; ``None`` if it would."""
+    def restart_refusal(self, scheduler_file: str | os.PathLike[str] | None = None) -> str | None:
+        """Why this job would not restart after a drain; ``None`` if it would.
+
+        With ``scheduler_file``, a cluster that was closed (see
+        :func:`runtime.rendezvous.mark_closed`) is a reason too.
+        """
         if self.restart == "none":
             return "HPC_JOB_RESTART is none (launchers.job.restart)"
         if self.system is None or self.job_id is None:
             return "not inside a SLURM or PBS job"
+        if scheduler_file is not None:
+            closed = closed_reason(scheduler_file)
+            if closed is not None:
+                return f"the cluster that started it was closed ({closed})"
         if self.restarts >= self.max_restarts:
             return (
                 f"it restarted {self.restarts} times already (launchers.job.max-restarts "
@@ -207,7 +215,7 @@ class JobEnvironment:
         to submitting the script again. Returns ``None`` (and logs why) when the job
         is not to restart or the commands failed.
         """
-        refusal = self.restart_refusal()
+        refusal = self.restart_refusal(scheduler_file)
         if refusal is not None:
             logger.warning("job %s is not restarted: %s", self.job_id, refusal)
             return None
@@ -331,7 +339,7 @@ class DrainGuard:
 
     async def _drain(self, reason: str) -> None:
         env = self.env
-        refusal = env.restart_refusal()
+        refusal = env.restart_refusal(self.scheduler.scheduler_file)
         summary = await self.scheduler.drain(
             reason, timeout=self.timeout, restart=None if refusal else env.restart
         )

@@ -171,6 +171,19 @@ def _survive_lost_ranks() -> None:
     signal.signal(signal.SIGUSR1, note)
 
 
+def _closed_cluster(job: JobEnvironment, scheduler_file: str | None) -> str | None:
+    """Why this restarted job's cluster is closed (it is to end at once); else ``None``.
+
+    A cluster closed on the login node cancels the jobs it knows of; a restart that the
+    cluster job submitted just before (or SLURM requeued) may still start: it ends here.
+    """
+    if not job.restarts or not scheduler_file:
+        return None
+    from runtime.rendezvous import closed_reason
+
+    return closed_reason(scheduler_file)
+
+
 def run(args: argparse.Namespace, comm: Any = None) -> int:
     """Play this rank's role until the cluster ends and return its exit code.
 
@@ -192,6 +205,14 @@ def run(args: argparse.Namespace, comm: Any = None) -> int:
     _check_launch(args, size)
     _survive_lost_ranks()
     job = JobEnvironment.from_environ()
+    closed = _closed_cluster(job, args.scheduler_file)
+    if closed is not None:
+        if rank == SCHEDULER_RANK:
+            logger.warning(
+                "job %s restarts a cluster that was closed (%s): it ends here", job.job_id, closed
+            )
+        _finalize_mpi()
+        return 0
     if job.drain_signal is not None:
         # SLURM's --signal reaches every process of the job step: only the scheduler
         # acts on it (see _guard); workers and what they start carry on until drained.

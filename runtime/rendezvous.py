@@ -32,7 +32,10 @@ from runtime.protocol import versions
 from runtime.units import parse_timedelta
 
 __all__ = [
+    "closed_path",
+    "closed_reason",
     "current_job_id",
+    "mark_closed",
     "read_scheduler_file",
     "remove_scheduler_file",
     "same_scheduler",
@@ -170,6 +173,29 @@ def successor_path(scheduler_file: str | os.PathLike[str]) -> str:
 def write_successor(scheduler_file: str | os.PathLike[str], job_id: str) -> None:
     """Record, beside the scheduler file, that job ``job_id`` takes over (atomically)."""
     _write_atomically(Path(successor_path(scheduler_file)), f"{job_id}\n".encode(), "record")
+
+
+def closed_path(scheduler_file: str | os.PathLike[str]) -> str:
+    """Where a cluster records that it was closed: the jobs it started do not restart."""
+    return os.fspath(scheduler_file) + ".closed"
+
+
+def mark_closed(scheduler_file: str | os.PathLike[str], reason: str) -> None:
+    """Record, beside the scheduler file, that its cluster was closed (atomically).
+
+    A cluster job that drains after this does not restart, and a restart already
+    submitted ends as it starts (see :func:`closed_reason`).
+    """
+    _write_atomically(Path(closed_path(scheduler_file)), f"{reason}\n".encode(), "record")
+
+
+def closed_reason(scheduler_file: str | os.PathLike[str]) -> str | None:
+    """Why the cluster of ``scheduler_file`` was closed; ``None`` while it is not."""
+    try:
+        text = Path(closed_path(scheduler_file)).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return text.strip() or "closed"
 
 
 def same_scheduler(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -314,6 +314,35 @@ def test_close_cancels_every_live_job_once_and_removes_the_scheduler_file(
         cluster.scale(1)
 
 
+@pytest.mark.parametrize("restart", ["resubmit", "none"])
+def test_close_ends_the_restarts_the_cluster_job_submitted_itself(
+    make_cluster, system, clock, restart
+):
+    """A successor the drained job named just before the close is cancelled too.
+
+    The cluster also marks itself closed beside the scheduler file, so that the job
+    does not restart after this, and a restart already submitted ends as it starts.
+    """
+    cluster, _ = running(make_cluster, system, clock, restart=restart)
+    Path(f"{cluster.scheduler_file}.successor").write_text("555\n")  # not followed yet
+    cluster.close()
+    closed = rendezvous.closed_reason(cluster.scheduler_file)
+    if restart == "none":  # nothing restarts: nothing to end, no marker left behind
+        assert system.cancel_calls == [["100"]] and closed is None
+    else:
+        assert system.cancel_calls == [["100", "555"]]
+        assert closed == "the cluster was closed"
+
+
+def test_a_new_cluster_removes_the_closed_mark_of_an_earlier_one(make_cluster, system, clock):
+    first = started(make_cluster, system, clock, restart="resubmit", scheduler_file="s.json")
+    first.close()
+    assert rendezvous.closed_reason(first.scheduler_file) is not None
+    second = started(make_cluster, system, clock, restart="resubmit", scheduler_file="s.json")
+    assert second.scheduler_file == first.scheduler_file
+    assert rendezvous.closed_reason(second.scheduler_file) is None
+
+
 def test_context_manager_starts_and_closes(make_cluster, system, clock):
     cluster = make_cluster()
     scheduler_appears(cluster, system, clock)

@@ -14,7 +14,7 @@ import pytest
 
 from runtime import jobenv
 from runtime.jobenv import DrainGuard, JobEnvironment, JobEnvironmentError
-from runtime.rendezvous import successor_path
+from runtime.rendezvous import mark_closed, successor_path
 from runtime.scheduler import Scheduler
 
 SLURM = {"SLURM_JOB_ID": "77", "HPC_JOB_SCRIPT": "/home/a/job.sh"}
@@ -241,6 +241,87 @@ def test_a_job_restarts_unless_its_running_tasks_could_not_finish_in_it(
         assert not scheduler.successor  # every worker is told to close
         assert "no task finished in this job and 2 were still running" in caplog.text
         assert "raise the walltime" in caplog.text
+
+
+def test_a_job_of_a_closed_cluster_is_not_restarted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cluster on the login node was closed: a drain ends the chain, whatever was done."""
+    scheduler_file = tmp_path / "s.json"
+    env = JobEnvironment.from_environ({**SLURM, "HPC_JOB_RESTART": "resubmit"})
+    assert env.restart_refusal(scheduler_file) is None
+    mark_closed(scheduler_file, "the cluster was closed")
+    refusal = env.restart_refusal(scheduler_file)
+    assert refusal == "the cluster that started it was closed (the cluster was closed)"
+    run = _completed(0, "78;cluster\n")
+    assert env.restart_job(scheduler_file, run=run) is None
+    assert run.calls == [] and not Path(successor_path(scheduler_file)).exists()
+
+    scheduler = _DrainedScheduler({"finished": 5, "abandoned": 0})
+    scheduler.scheduler_file = str(scheduler_file)
+    done: list[Any] = []
+
+    async def scenario() -> None:
+        guard = DrainGuard(scheduler, env, timeout=1.0, on_done=done.append)
+        guard.trigger("the job's walltime is near")
+        await guard.finished()
+
+    with caplog.at_level("WARNING", logger=jobenv.__name__):
+        asyncio.run(scenario())
+    assert done == [None] and not scheduler.successor  # its workers are told to close
+    assert "the cluster that started it was closed" in caplog.text
+
+
+class _Comm:
+    """The two calls ``runtime.mpi.run`` makes of a communicator before its role."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self.rank, self.size = rank, size
+
+    def Get_rank(self) -> int:  # noqa: N802 - mpi4py's names
+        return self.rank
+
+    def Get_size(self) -> int:  # noqa: N802
+        return self.size
+
+
+@pytest.mark.parametrize("restarts", ["1", "0"])
+def test_a_restart_of_a_closed_cluster_ends_as_it_starts(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    restarts: str,
+) -> None:
+    """Submitted just before the cluster closed, a restart finds the mark and ends."""
+    from runtime import mpi
+
+    scheduler_file = tmp_path / "s.json"
+    mark_closed(scheduler_file, "the cluster was closed")
+    for name, value in {
+        **SLURM,
+        "HPC_JOB_RESTART": "resubmit",
+        "HPC_JOB_RESTARTS": restarts,
+    }.items():
+        monkeypatch.setenv(name, value)
+    finalized: list[bool] = []
+    monkeypatch.setattr(mpi, "_finalize_mpi", lambda: finalized.append(True))
+    started: list[int] = []
+    monkeypatch.setattr(
+        mpi, "_supervise_worker", lambda args, **kw: started.append(kw["rank"]) or 0
+    )
+    args = mpi.make_parser().parse_args(["--no-scheduler", "--scheduler-file", str(scheduler_file)])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        with caplog.at_level("WARNING", logger=mpi.__name__):
+            assert mpi.run(args, comm=_Comm(0, 2)) == 0
+    finally:  # run() sets them for its process: not for the rest of this session
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if restarts == "1":
+        assert started == [] and finalized == [True]
+        assert "job 77 restarts a cluster that was closed" in caplog.text
+    else:  # the first job of a cluster is never turned away: the mark is an old one
+        assert started == [0]
 
 
 SCRIPT = """

@@ -218,3 +218,11 @@ def test_successor_records_the_job_it_replaces(tmp_path, monkeypatch):
     write_scheduler_file(path, "tcp://127.0.0.1:1", b"s", job_id="42")
     info = read_scheduler_file(path)
     assert (info["job_id"], info["restart_of"], info["restarts"]) == ("42", "41", 2)
+
+
+def test_a_closed_mark_sits_beside_the_scheduler_file_and_says_why(tmp_path):
+    path = tmp_path / "sched.json"
+    assert rendezvous.closed_reason(path) is None
+    rendezvous.mark_closed(path, "the cluster was closed")
+    assert rendezvous.closed_path(path) == f"{path}.closed"
+    assert rendezvous.closed_reason(path) == "the cluster was closed"
