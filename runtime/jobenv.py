@@ -16,7 +16,9 @@ variables (every one optional; without them nothing here happens):
     ``launchers.job.drain-lead``.
 ``HPC_JOB_DRAIN_SIGNAL``
     A signal name (default ``USR2``) that starts the drain too: SLURM sends it ahead
-    of the time limit when the job asked for ``--signal=USR2@<lead>``.
+    of the time limit when the job asked for ``--signal=USR2@<lead>``. SLURM may send
+    it up to a minute early; one that comes that little before ``HPC_JOB_DRAIN_AT``
+    leaves the drain to that time (see :meth:`DrainGuard.on_drain_signal`).
 ``HPC_JOB_RESTART``
     ``requeue`` (``scontrol requeue`` / ``qrerun``: same job id, the batch system
     starts it again), ``resubmit`` (``sbatch`` / ``qsub`` of ``HPC_JOB_SCRIPT``: a new
@@ -257,6 +259,12 @@ class JobEnvironment:
         return successor
 
 
+#: How long before ``HPC_JOB_DRAIN_AT`` a drain signal is taken for SLURM's warning of
+#: that same time: sbatch(1) says the signal "may be sent up to 60 seconds earlier
+#: than specified", its time-limit checks being that coarse.
+EARLY_SIGNAL_WINDOW = 65.0
+
+
 class DrainGuard:
     """Drain a scheduler at the job's deadline or drain signal, then restart the job.
 
@@ -311,7 +319,7 @@ class DrainGuard:
 
             def on_signal(signum: int, frame: Any) -> None:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: too late
-                    loop.call_soon_threadsafe(self.trigger, f"received SIG{sig.name[3:]}")
+                    loop.call_soon_threadsafe(self.on_drain_signal, f"received SIG{sig.name[3:]}")
 
             signal.signal(sig, on_signal)
 
@@ -324,6 +332,28 @@ class DrainGuard:
         """Wait for a drain that started (and the restart after it) to end."""
         if self._task is not None:
             await self._task
+
+    def on_drain_signal(self, reason: str) -> None:
+        """Drain for the drain signal - unless it is SLURM's early warning of the deadline.
+
+        SLURM sends ``--signal`` at a time-limit check of its own, up to a minute before
+        the time asked for. A signal that comes within :data:`EARLY_SIGNAL_WINDOW`
+        seconds before ``HPC_JOB_DRAIN_AT`` (whose timer is armed) is taken for that
+        warning: the drain waits for the deadline, ``drain_lead`` before the walltime
+        as asked. A signal earlier than that (sent by hand, or the walltime was
+        shortened) drains at once. Call on the scheduler's loop.
+        """
+        drain_at = self.env.drain_at
+        if drain_at is not None and self._timer is not None and self._task is None:
+            ahead = drain_at - time.time()
+            if 0 < ahead <= EARLY_SIGNAL_WINDOW:
+                logger.info(
+                    "%s %.0f s before the job's drain time (HPC_JOB_DRAIN_AT): taken for the "
+                    "batch system's early warning; draining at that time",
+                    reason, ahead,
+                )  # fmt: skip
+                return
+        self.trigger(reason)
 
     def _arm_timer(self, delay: float) -> None:
         assert self._loop is not None

@@ -188,6 +188,28 @@ def test_drain_signal_drains_the_scheduler() -> None:
     assert done == [None] and s.closed
 
 
+@pytest.mark.parametrize(
+    ("ahead", "reason"),
+    [(2.5, "the job's walltime is near"), (200.0, "received SIGUSR2")],
+    ids=["batch-system-warning", "by-hand"],
+)
+def test_a_drain_signal_just_before_the_drain_time_leaves_the_drain_to_that_time(
+    ahead: float, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SLURM's warning may come up to a minute early; a signal long before is meant now."""
+    env = JobEnvironment(drain_at=time.time() + ahead, drain_signal=signal.SIGUSR2)
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        with caplog.at_level("INFO"):
+            done, s = _serve_until_drained(env, lambda: os.kill(os.getpid(), signal.SIGUSR2))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert done == [None] and s.closed
+    assert f"draining ({reason})" in caplog.text
+    early = "s before the job's drain time (HPC_JOB_DRAIN_AT): taken for the batch system's"
+    assert (early in caplog.text) is (ahead < jobenv.EARLY_SIGNAL_WINDOW)
+
+
 class _DrainedScheduler:
     """Stands in for a Scheduler whose drain ended with ``summary``."""
 
