@@ -263,6 +263,8 @@ class JobEnvironment:
 #: that same time: sbatch(1) says the signal "may be sent up to 60 seconds earlier
 #: than specified", its time-limit checks being that coarse.
 EARLY_SIGNAL_WINDOW = 65.0
+# Drain signals that may also mean "killed in a moment": never left to wait.
+_KILL_WARNINGS = (signal.SIGTERM, signal.SIGINT)
 
 
 class DrainGuard:
@@ -341,10 +343,13 @@ class DrainGuard:
         seconds before ``HPC_JOB_DRAIN_AT`` (whose timer is armed) is taken for that
         warning: the drain waits for the deadline, ``drain_lead`` before the walltime
         as asked. A signal earlier than that (sent by hand, or the walltime was
-        shortened) drains at once. Call on the scheduler's loop.
+        shortened) drains at once, and so does TERM or INT used as the drain signal:
+        those also come just before a kill (``scancel``, a preemption's grace time),
+        which leaves no time to wait. Call on the scheduler's loop.
         """
         drain_at = self.env.drain_at
-        if drain_at is not None and self._timer is not None and self._task is None:
+        deferrable = self.env.drain_signal not in _KILL_WARNINGS
+        if deferrable and drain_at is not None and self._timer is not None and self._task is None:
             ahead = drain_at - time.time()
             if 0 < ahead <= EARLY_SIGNAL_WINDOW:
                 logger.info(

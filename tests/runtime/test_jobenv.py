@@ -189,25 +189,29 @@ def test_drain_signal_drains_the_scheduler() -> None:
 
 
 @pytest.mark.parametrize(
-    ("ahead", "reason"),
-    [(2.5, "the job's walltime is near"), (200.0, "received SIGUSR2")],
-    ids=["batch-system-warning", "by-hand"],
+    ("sig", "ahead", "reason"),
+    [
+        (signal.SIGUSR2, 2.5, "the job's walltime is near"),
+        (signal.SIGUSR2, 200.0, "received SIGUSR2"),
+        (signal.SIGTERM, 2.5, "received SIGTERM"),
+    ],
+    ids=["batch-system-warning", "by-hand", "term-may-precede-a-kill"],
 )
 def test_a_drain_signal_just_before_the_drain_time_leaves_the_drain_to_that_time(
-    ahead: float, reason: str, caplog: pytest.LogCaptureFixture
+    sig: signal.Signals, ahead: float, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """SLURM's warning may come up to a minute early; a signal long before is meant now."""
-    env = JobEnvironment(drain_at=time.time() + ahead, drain_signal=signal.SIGUSR2)
-    previous = signal.getsignal(signal.SIGUSR2)
+    env = JobEnvironment(drain_at=time.time() + ahead, drain_signal=sig)
+    previous = signal.getsignal(sig)
     try:
         with caplog.at_level("INFO"):
-            done, s = _serve_until_drained(env, lambda: os.kill(os.getpid(), signal.SIGUSR2))
+            done, s = _serve_until_drained(env, lambda: os.kill(os.getpid(), sig))
     finally:
-        signal.signal(signal.SIGUSR2, previous)
+        signal.signal(sig, previous)
     assert done == [None] and s.closed
     assert f"draining ({reason})" in caplog.text
     early = "s before the job's drain time (HPC_JOB_DRAIN_AT): taken for the batch system's"
-    assert (early in caplog.text) is (ahead < jobenv.EARLY_SIGNAL_WINDOW)
+    assert (early in caplog.text) is (reason == "the job's walltime is near")
 
 
 class _DrainedScheduler:
