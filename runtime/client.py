@@ -1115,7 +1115,6 @@ class Client:
         asyncio.ensure_future(self._reconnect(err, plan))
 
     async def _reconnect(self, err: BaseException, plan: str) -> None:
-
         configured = _config("distributed.client.reconnect-timeout", None)
         timeout = None if configured is None else _seconds(configured, 0.0)
         previous = dict(self._scheduler_doc)
