@@ -223,9 +223,15 @@ class JobEnvironment:
             return None
         command = self.restart_command()
         marker = successor_path(scheduler_file) if scheduler_file is not None else None
-        if self.restart == "requeue" and scheduler_file is not None:
-            # The requeue ends this process at once: record the successor first.
-            write_successor(scheduler_file, str(self.job_id))
+        if self.restart == "requeue":
+            # The requeue ends this process at once: record the successor, and say so,
+            # first (a line logged after the command may never be written).
+            if scheduler_file is not None:
+                write_successor(scheduler_file, str(self.job_id))
+            logger.warning(
+                "job %s requeues itself (%s): its successor is the same job",
+                self.job_id, " ".join(command),
+            )  # fmt: skip
         try:
             done = run(command, capture_output=True, text=True, timeout=60, check=False)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -247,15 +253,11 @@ class JobEnvironment:
                 return resubmit.restart_job(scheduler_file, run=run)
             return None
         if self.restart == "requeue":
-            successor = str(self.job_id)
-        else:
-            successor = done.stdout.strip().split(";")[0].split()[-1]
-            if scheduler_file is not None:
-                write_successor(scheduler_file, successor)
-        logger.warning(
-            "job %s %s: its successor is job %s", self.job_id,
-            "requeued" if self.restart == "requeue" else "resubmitted", successor,
-        )  # fmt: skip
+            return str(self.job_id)
+        successor = done.stdout.strip().split(";")[0].split()[-1]
+        if scheduler_file is not None:
+            write_successor(scheduler_file, successor)
+        logger.warning("job %s resubmitted: its successor is job %s", self.job_id, successor)
         return successor
 
 

@@ -148,7 +148,7 @@ def test_walltime_drain_requeues_the_job_and_the_client_receives_the_result(
         info = read_scheduler_file(cluster.scheduler_file)
         assert info["job_id"] == job.job_id and info["restarts"] == 1
     log = Path(job.log_path or "").read_text(errors="replace")
-    assert "draining (" in log and "requeued: its successor is job" in log, log
+    assert "draining (" in log and "requeues itself (scontrol requeue" in log, log
     check_resumed(runs, f"{job.job_id}-0")
 
 
