@@ -260,10 +260,10 @@ class SlurmSystem(JobSystem):
     def rank_prefix(self, spec: JobSpec) -> list[str]:
         """Start each rank with the drain signal ignored, when SLURM is to send it.
 
-        SLURM sends ``--signal`` at its first time-limit check that finds the job
-        within ``drain_lead`` plus the check's period (about 30 s) of its end: with a
-        walltime near ``drain_lead`` that can be as the ranks start, before Python has
-        set any handler, and the signal's default action (USR2, TERM) would kill them.
+        SLURM sends ``--signal`` at a time-limit check of its own, up to a minute before
+        ``drain_lead`` ahead of the end: with a walltime near ``drain_lead`` that can be
+        as the ranks start, before Python has set any handler, and the signal's default
+        action (USR2, TERM) would kill them.
         ``/bin/sh -c 'trap "" SIG; exec "$@"'`` makes the ranks ignore it from their
         first instruction (an ignored signal stays ignored across ``exec``); the
         scheduler then sets its handler, and a signal before that is covered by
