@@ -231,6 +231,22 @@ class _DrainedScheduler:
         self.successor = successor
 
 
+def _drain_once(
+    scheduler: _DrainedScheduler, env: JobEnvironment, caplog: pytest.LogCaptureFixture
+) -> list[Any]:
+    """Drain ``scheduler`` once, at the walltime, with warnings captured; what on_done got."""
+    done: list[Any] = []
+
+    async def scenario() -> None:
+        guard = DrainGuard(scheduler, env, timeout=1.0, on_done=done.append)
+        guard.trigger("the job's walltime is near")
+        await guard.finished()
+
+    with caplog.at_level("WARNING", logger=jobenv.__name__):
+        asyncio.run(scenario())
+    return done
+
+
 @pytest.mark.parametrize(
     ("finished", "abandoned", "restarted"),
     [(0, 2, False), (0, 0, True), (3, 1, True), (5, 0, True)],
@@ -249,15 +265,7 @@ def test_a_job_restarts_unless_its_running_tasks_could_not_finish_in_it(
         JobEnvironment, "restart_job", lambda self, path, **kw: calls.append(path) or "10"
     )
     scheduler = _DrainedScheduler({"finished": finished, "abandoned": abandoned})
-    done: list[Any] = []
-
-    async def scenario() -> None:
-        guard = DrainGuard(scheduler, env, timeout=1.0, on_done=done.append)
-        guard.trigger("the job's walltime is near")
-        await guard.finished()
-
-    with caplog.at_level("WARNING", logger=jobenv.__name__):
-        asyncio.run(scenario())
+    done = _drain_once(scheduler, env, caplog)
     assert scheduler.closed
     if restarted:
         assert calls == ["/shared/s.json"] and done == ["10"]
@@ -285,15 +293,7 @@ def test_a_job_of_a_closed_cluster_is_not_restarted(
 
     scheduler = _DrainedScheduler({"finished": 5, "abandoned": 0})
     scheduler.scheduler_file = str(scheduler_file)
-    done: list[Any] = []
-
-    async def scenario() -> None:
-        guard = DrainGuard(scheduler, env, timeout=1.0, on_done=done.append)
-        guard.trigger("the job's walltime is near")
-        await guard.finished()
-
-    with caplog.at_level("WARNING", logger=jobenv.__name__):
-        asyncio.run(scenario())
+    done = _drain_once(scheduler, env, caplog)
     assert done == [None] and not scheduler.successor  # its workers are told to close
     assert "the cluster that started it was closed" in caplog.text
 
