@@ -122,14 +122,20 @@ def _end_restarts(scheduler_file: str, known: Iterable[str]) -> list[str]:
     """
     with contextlib.suppress(OSError):
         rendezvous.mark_closed(scheduler_file, "the cluster was closed")
+    named = _announced_successor(scheduler_file)
+    if named is None or any(same_job(named, job_id) for job_id in known):
+        return []
+    return [named]
+
+
+def _announced_successor(scheduler_file: str) -> str | None:
+    """The job id a drained cluster job wrote beside its scheduler file, if any."""
     try:
         text = Path(rendezvous.successor_path(scheduler_file)).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        return []
+        return None
     text = text.strip()
-    if not _JOB_ID.match(text) or any(same_job(text, job_id) for job_id in known):
-        return []
-    return [text]
+    return text if _JOB_ID.match(text) else None  # empty, or not a job id: none
 
 
 def _log_tail(path: str | None) -> str:
@@ -551,12 +557,9 @@ class JobQueueCluster:
 
     def _follow_announced_successor(self, job: SubmittedJob) -> bool:
         """Follow the job named in the successor file, if it is news; whether it was."""
-        try:
-            text = Path(self._successor_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
+        text = _announced_successor(self._scheduler_file)
+        if text is None:
             return False
-        if not _JOB_ID.match(text):
-            return False  # empty, or not a job id
         with self._lock:
             if self._status is ClusterStatus.CLOSED or self._cluster_job is not job:
                 return False
